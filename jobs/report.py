@@ -1,0 +1,696 @@
+"""``refseg report``: one self-contained, offline HTML review page of a labelling run.
+
+Reads a run folder ``OUT`` (local path or fsspec URI) written by ``refseg label``:
+``instances/*.parquet`` (one row per instance, ``INSTANCES_SCHEMA``), ``images/*.parquet``
+(one row per input image), ``run.json`` (optional ``"references"``). Only files whose name
+ends in ``.parquet`` and does not start with ``_`` or ``.`` are read.
+
+Memory stays bounded on big runs: counts, score histograms and the image sample are computed
+by streaming record batches of a few columns; full instance rows (masks) are read only for
+the sampled image ids. Overlays are drawn at most ``THUMB_SIDE`` px on the long side and
+embedded as base64 JPEG data URIs; the page has no script and no external resource (its
+Content-Security-Policy allows only inline styles and ``data:`` images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import heapq
+import html
+import io
+import json
+import posixpath
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow.dataset as ds
+from PIL import Image, ImageDraw, ImageFont
+
+from refseg_core import coco
+from refseg_core import rle as rle_ops
+
+__all__ = ["add_report_args", "run_report", "write_report"]
+
+THUMB_SIDE = 512  # long side of an overlay, px
+REF_SIDE = 160  # long side of a reference crop, px
+N_BINS = 20  # score histogram bins over [0, 1]; scores outside are clipped into the end bins
+MAX_ERRORS = 500  # error rows listed (the lowest image ids); the total is always shown
+MAX_INSTANCES_PER_TILE = 100  # highest-scoring instances drawn per image
+MAX_REFS_PER_CLASS = 12
+FILL_ALPHA = 0.45
+_THREADS = 4
+# 20 distinct colours (RGB), picked by ``category_id % 20``: the same class, the same colour.
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+    (220, 190, 255), (170, 110, 40), (255, 225, 25), (128, 0, 0), (170, 255, 195),
+    (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128), (255, 99, 71),
+)  # fmt: skip
+
+
+def class_colour(category_id: int) -> tuple[int, int, int]:
+    """The fixed RGB colour of a category id."""
+    return PALETTE[int(category_id) % len(PALETTE)]
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+# ---------------------------------------------------------------- reading the run folder
+
+
+def _join(base: str, *parts: str) -> str:
+    return posixpath.join(base.rstrip("/"), *parts)
+
+
+def _parquet_dataset(out: str, sub: str) -> ds.Dataset | None:
+    """The ``OUT/sub/*.parquet`` files as one dataset, or None when there are none."""
+    fs, root = fsspec.core.url_to_fs(_join(out, sub))
+    if not fs.isdir(root):
+        return None
+    names = sorted(fs.ls(root, detail=False))
+    files = [
+        p
+        for p in names
+        if p.endswith(".parquet") and not posixpath.basename(p).startswith(("_", "."))
+    ]
+    return ds.dataset(files, filesystem=fs, format="parquet") if files else None
+
+
+def _batches(dataset: ds.Dataset | None, columns: Sequence[str], **kw: Any) -> Iterator[Any]:
+    if dataset is None:
+        return
+    present = [c for c in columns if c in dataset.schema.names]
+    yield from dataset.to_batches(columns=present, batch_size=65_536, **kw)
+
+
+def _read_json(uri: str) -> Any:
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+@dataclass
+class ClassStats:
+    """Streaming per-class statistics: count, score sum and a histogram over [0, 1]."""
+
+    name: str
+    count: int = 0
+    above: int = 0
+    score_sum: float = 0.0
+    hist: np.ndarray = field(default_factory=lambda: np.zeros(N_BINS, dtype=np.int64))
+
+
+def class_stats(instances: ds.Dataset | None, score_threshold: float) -> dict[int, ClassStats]:
+    """Per-class stats of all instances, reading only category and score columns."""
+    stats: dict[int, ClassStats] = {}
+    for batch in _batches(instances, ["category_id", "category_name", "score"]):
+        if batch.num_rows == 0:
+            continue
+        cats = batch.column("category_id").to_numpy(zero_copy_only=False).astype(np.int64)
+        scores = batch.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+        names = batch.column("category_name") if "category_name" in batch.schema.names else None
+        uniq, first, inverse = np.unique(cats, return_index=True, return_inverse=True)
+        bins = np.clip((scores * N_BINS).astype(np.int64), 0, N_BINS - 1)
+        hist = np.zeros((len(uniq), N_BINS), dtype=np.int64)
+        np.add.at(hist, (inverse, bins), 1)
+        above = np.bincount(inverse, weights=scores >= score_threshold, minlength=len(uniq))
+        sums = np.bincount(inverse, weights=scores, minlength=len(uniq))
+        for k, cid in enumerate(uniq.tolist()):
+            if cid not in stats:
+                name = names[int(first[k])].as_py() if names is not None else None
+                stats[cid] = ClassStats(name=name or f"class {cid}")
+            s = stats[cid]
+            s.count += int(hist[k].sum())
+            s.above += int(above[k])
+            s.score_sum += float(sums[k])
+            s.hist += hist[k]
+    return stats
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    image_id: int
+    image_uri: str
+    width: int | None = None
+    height: int | None = None
+    status: str = "ok"
+    error: str | None = None
+    n_instances: int | None = None
+
+
+@dataclass
+class ImageSummary:
+    """Counts of the images table, the sampled rows and the first error rows."""
+
+    n_images: int | None = None
+    n_ok: int | None = None
+    n_errors: int | None = None
+    sample: list[ImageRow] = field(default_factory=list)
+    errors: list[ImageRow] = field(default_factory=list)
+
+
+def _sample_key(row: ImageRow) -> tuple[int, int]:
+    """Sort key of the sample: images with instances first, then ok ones, then errors."""
+    rank = 0 if row.status == "ok" and (row.n_instances or 0) > 0 else 1
+    return (rank if row.status == "ok" else 2, row.image_id)
+
+
+def summarise_images(
+    images: ds.Dataset | None, instances: ds.Dataset | None, max_images: int
+) -> ImageSummary:
+    """Stream the images table: counts, the ``max_images`` sample, the first errors.
+
+    Without an images table the sample is the lowest image ids found in the instances.
+    """
+    summary = ImageSummary()
+    sample: list[tuple[tuple[int, int], ImageRow]] = []
+    if images is None:
+        ids: set[int] = set()
+        for batch in _batches(instances, ["image_id", "image_uri"]):
+            for iid, uri in zip(*(batch.column(i).to_pylist() for i in range(2)), strict=True):
+                if iid not in ids and len(ids) < 10 * max_images + 1000:
+                    ids.add(iid)
+                    sample.append(((0, iid), ImageRow(iid, uri or "", n_instances=1)))
+            sample = heapq.nsmallest(max_images, sample, key=lambda t: t[0])
+            ids = {r.image_id for _, r in sample}
+        summary.sample = [r for _, r in sample]
+        return summary
+    summary.n_images = summary.n_ok = summary.n_errors = 0
+    columns = ["image_id", "image_uri", "width", "height", "status", "error", "n_instances"]
+    for batch in _batches(images, columns):
+        rows = [ImageRow(**r) for r in batch.to_pylist()]
+        summary.n_images += len(rows)
+        ok = sum(1 for r in rows if r.status == "ok")
+        summary.n_ok += ok
+        summary.n_errors += len(rows) - ok
+        bad = [r for r in rows if r.status != "ok"]
+        summary.errors = heapq.nsmallest(MAX_ERRORS, summary.errors + bad, key=lambda r: r.image_id)
+        sample = heapq.nsmallest(
+            max_images, sample + [(_sample_key(r), r) for r in rows], key=lambda t: t[0]
+        )
+    summary.sample = [r for _, r in sample]
+    return summary
+
+
+def sampled_instances(
+    instances: ds.Dataset | None, image_ids: Sequence[int], score_threshold: float
+) -> dict[int, list[dict[str, Any]]]:
+    """Instance rows (score >= threshold) of the given images, by image id, best first."""
+    out: dict[int, list[dict[str, Any]]] = {int(i): [] for i in image_ids}
+    if instances is None or not image_ids:
+        return out
+    cols = ["image_id", "category_id", "category_name", "score", "bbox", "segmentation"]
+    filt = ds.field("image_id").isin(list(image_ids)) & (ds.field("score") >= 0)
+    for batch in _batches(instances, cols, filter=filt):
+        for row in batch.to_pylist():
+            out[int(row["image_id"])].append(row)
+    for rows in out.values():
+        rows.sort(key=lambda r: -r["score"])
+    return out
+
+
+def ground_truth_for(
+    gt: Mapping[str, Any], image_ids: Sequence[int]
+) -> tuple[dict[int, list[dict[str, Any]]], dict[int, str], dict[int, dict[str, Any]]]:
+    """GT annotations of the given images, category names and image dicts of a COCO dict."""
+    wanted = {int(i) for i in image_ids}
+    anns: dict[int, list[dict[str, Any]]] = {i: [] for i in wanted}
+    for a in gt.get("annotations", []):
+        if int(a["image_id"]) in wanted:
+            anns[int(a["image_id"])].append(a)
+    images = {i: img for i, img in coco.images_by_id(gt).items() if i in wanted}
+    return anns, coco.category_names(gt), images
+
+
+# ---------------------------------------------------------------- drawing
+
+
+def _font(size: int = 12) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the bitmap font
+        return ImageFont.load_default()
+
+
+def read_image(uri: str) -> np.ndarray:
+    """Read and decode ``uri`` (fsspec) to ``(H, W, 3)`` uint8 RGB, EXIF-oriented as the
+    pipeline decodes it."""
+    from refseg_core.imaging import decode_image  # imports torch: only when drawing
+
+    with fsspec.open(uri, "rb") as f:
+        data = f.read()
+    return decode_image(data, uri=uri)
+
+
+def _thumb(img: np.ndarray, side: int, upscale: float = 1.0) -> tuple[np.ndarray, float]:
+    """Resize ``(H, W, 3)`` so its long side is <= ``side`` (up to ``upscale`` x larger)."""
+    h, w = img.shape[:2]
+    s = min(side / max(h, w), upscale)
+    if s == 1.0:
+        return img, 1.0
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BILINEAR)), s
+
+
+def _scaled_mask(mask: np.ndarray, out_hw: tuple[int, int], scale: float) -> np.ndarray:
+    """``mask`` (H, W) bool resampled onto an ``out_hw`` grid; only its bbox is resized."""
+    out = np.zeros(out_hw, dtype=bool)
+    ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    if len(ys) == 0:
+        return out
+    y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+    ty0, tx0 = int(y0 * scale), int(x0 * scale)
+    ty1 = min(out_hw[0], max(ty0 + 1, round(y1 * scale)))
+    tx1 = min(out_hw[1], max(tx0 + 1, round(x1 * scale)))
+    crop = Image.fromarray(mask[y0:y1, x0:x1].astype(np.uint8) * 255)
+    small = crop.resize((tx1 - tx0, ty1 - ty0), Image.Resampling.BILINEAR)
+    out[ty0:ty1, tx0:tx1] = np.asarray(small) >= 128
+    return out
+
+
+def _edge(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` within 2 px of its border (4-neighbour erosion, twice)."""
+    inner = mask
+    for _ in range(2):
+        e = inner.copy()
+        e[1:] &= inner[:-1]
+        e[:-1] &= inner[1:]
+        e[:, 1:] &= inner[:, :-1]
+        e[:, :-1] &= inner[:, 1:]
+        inner = e
+    return mask & ~inner
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One thing to draw: a mask (COCO RLE / None), its COCO xywh box, class and label."""
+
+    rle: Mapping[str, Any] | None
+    bbox: Sequence[float]
+    category_id: int
+    label: str
+
+
+def draw_overlay(img: np.ndarray, shapes: Sequence[Shape], scale: float) -> np.ndarray:
+    """Draw ``shapes`` (in original pixel coordinates) on a thumbnail ``img`` of the original
+    resized by ``scale``: filled masks with outlines, or box outlines when there is no mask,
+    then labels at each box's top-left corner. Returns ``(h, w, 3)`` uint8."""
+    canvas = img.astype(np.float32)
+    hw = img.shape[:2]
+    boxes_only = []
+    for shape in shapes:
+        colour = np.asarray(class_colour(shape.category_id), dtype=np.float32)
+        if shape.rle is None:
+            boxes_only.append(shape)
+            continue
+        rle = shape.rle
+        s = hw[0] / int(rle["size"][0])  # the mask's own grid may differ from the image's
+        m = _scaled_mask(rle_ops.decode_rle(rle), hw, s)
+        canvas[m] = canvas[m] * (1 - FILL_ALPHA) + colour * FILL_ALPHA
+        canvas[_edge(m)] = colour
+    pil = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    draw, font = ImageDraw.Draw(pil), _font()
+    for shape in boxes_only:
+        x, y, w, h = (v * scale for v in shape.bbox)
+        draw.rectangle((x, y, x + w, y + h), outline=class_colour(shape.category_id), width=2)
+    for shape in shapes:
+        colour = class_colour(shape.category_id)
+        left, top, right, bottom = draw.textbbox((0, 0), shape.label, font=font)
+        tw, th = right - left + 4, bottom - top + 4
+        x = min(max(0.0, shape.bbox[0] * scale), max(0.0, hw[1] - tw))
+        y = shape.bbox[1] * scale - th
+        y = y if y >= 0 else min(shape.bbox[1] * scale, max(0.0, hw[0] - th))
+        draw.rectangle((x, y, x + tw, y + th), fill=colour)
+        ink = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)
+        draw.text((x + 2 - left, y + 2 - top), shape.label, fill=ink, font=font)
+    return np.asarray(pil)
+
+
+def to_data_uri(img: np.ndarray, fmt: str = "JPEG") -> str:
+    """``(H, W, 3)`` uint8 as a ``data:image/...;base64`` URI."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format=fmt, quality=82)
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+# ---------------------------------------------------------------- page parts
+
+
+def _placeholder(title: str, message: str) -> str:
+    return f'<div class="ph"><b>{_esc(title)}</b><pre>{_esc(message)}</pre></div>'
+
+
+def _panel(title: str, img: np.ndarray) -> str:
+    return (
+        f'<div class="panel"><div class="pt">{_esc(title)}</div>'
+        f'<img src="{to_data_uri(img)}" alt="{_esc(title)}"></div>'
+    )
+
+
+def _gt_shapes(anns: Sequence[Mapping[str, Any]], img: Mapping[str, Any], names: Mapping[int, str]):
+    shapes = []
+    for a in anns:
+        cid = int(a["category_id"])
+        try:
+            rle = rle_ops.annotation_to_rle(a, int(img["height"]), int(img["width"]))
+        except (ValueError, TypeError, KeyError):
+            rle = None  # box-only or malformed: its box is drawn instead
+        bbox = a.get("bbox") or (rle_ops.rle_to_bbox([rle])[0].tolist() if rle else None)
+        if bbox is not None:
+            shapes.append(Shape(rle, bbox, cid, names.get(cid, f"class {cid}")))
+    return shapes
+
+
+@dataclass(frozen=True)
+class TileInput:
+    row: ImageRow
+    instances: list[dict[str, Any]]
+    n_shown_max: int
+    gt: tuple[list[dict[str, Any]], dict[str, Any] | None, dict[int, str]] | None = None
+
+
+def render_tile(t: TileInput) -> tuple[str, int]:
+    """HTML of one image tile and the number of ``<img>`` elements in it."""
+    row, insts = t.row, t.instances
+    caption = (
+        f'<figcaption><b>#{row.image_id}</b> <span class="uri">{_esc(row.image_uri)}</span>'
+        f" · {len(insts)} shown"
+        + (f" (top {t.n_shown_max})" if len(insts) > t.n_shown_max else "")
+        + "</figcaption>"
+    )
+    if row.status != "ok":
+        body = _placeholder("error", row.error or row.status)
+        return f'<figure class="tile">{body}{caption}</figure>', 0
+    try:
+        full = read_image(row.image_uri)
+    except Exception as exc:  # any I/O or decoding failure becomes a placeholder
+        body = _placeholder("image unreadable", f"{type(exc).__name__}: {exc}")
+        return f'<figure class="tile">{body}{caption}</figure>', 0
+    thumb, scale = _thumb(full, THUMB_SIDE)
+    shapes = [
+        Shape(r["segmentation"], r["bbox"], int(r["category_id"]),
+              f"{r['category_name'] or r['category_id']} {r['score']:.2f}")
+        for r in insts[: t.n_shown_max][::-1]  # best drawn last, on top
+    ]  # fmt: skip
+    panels = [_panel("prediction", draw_overlay(thumb, shapes, scale))]
+    if t.gt is not None:
+        anns, gt_img, names = t.gt
+        if gt_img is None:
+            panels.append(_placeholder("ground truth", "image id not in the ground-truth file"))
+        else:
+            gt_scale = thumb.shape[0] / int(gt_img["height"])
+            gt_draw = draw_overlay(thumb, _gt_shapes(anns, gt_img, names), gt_scale)
+            panels.append(_panel(f"ground truth ({len(anns)})", gt_draw))
+    n_img = sum(p.startswith('<div class="panel">') for p in panels)
+    return (
+        f'<figure class="tile"><div class="pair">{"".join(panels)}</div>{caption}</figure>',
+        n_img,
+    )
+
+
+def render_reference(ref: Mapping[str, Any]) -> tuple[str, int]:
+    """HTML of one reference crop (its mask filled) and its ``<img>`` count (0 or 1)."""
+    cid = int(ref.get("category_id", -1))
+    name = ref.get("category_name") or f"class {cid}"
+    badge = ' <span class="gen">generated</span>' if ref.get("mask_generated") else ""
+    uri = str(ref.get("image_uri", ""))
+    caption = (
+        f'<figcaption>{_esc(name)}{badge}<br><span class="uri">{_esc(uri)}</span></figcaption>'
+    )
+    try:
+        full = read_image(uri)
+        h, w = full.shape[:2]
+        seg = ref.get("segmentation")
+        mask = rle_ops.decode_rle(rle_ops.annotation_to_rle(ref, h, w)) if seg else None
+        bx, by, bw, bh = (float(v) for v in ref["bbox"])
+        pad = 0.15 * max(bw, bh) + 4
+        x0, y0 = max(0, int(bx - pad)), max(0, int(by - pad))
+        x1, y1 = min(w, int(bx + bw + pad) + 1), min(h, int(by + bh + pad) + 1)
+        crop = np.ascontiguousarray(full[y0:y1, x0:x1])
+        rle = rle_ops.encode_masks(mask[None, y0:y1, x0:x1])[0] if mask is not None else None
+        thumb, scale = _thumb(crop, REF_SIDE, upscale=4.0)
+        shape = Shape(rle, (bx - x0, by - y0, bw, bh), cid, str(name))
+        img = draw_overlay(thumb, [shape], scale)
+    except Exception as exc:  # unreadable image or malformed reference
+        body = _placeholder("reference unreadable", f"{type(exc).__name__}: {exc}")
+        return f'<figure class="ref">{body}{caption}</figure>', 0
+    alt = _esc(f"reference {name}")
+    return f'<figure class="ref"><img src="{to_data_uri(img)}" alt="{alt}">{caption}</figure>', 1
+
+
+def histogram_svg(hist: np.ndarray, colour: tuple[int, int, int], threshold: float) -> str:
+    """An inline SVG bar chart of ``hist`` (N_BINS counts over scores [0, 1])."""
+    w, h, bw = 200, 48, 200 / N_BINS
+    top = max(1, int(hist.max()))
+    rgb = "rgb({},{},{})".format(*colour)
+    bars = []
+    for i, c in enumerate(hist.tolist()):
+        bh = 0 if c == 0 else max(1.0, h * c / top)
+        lo, hi = i / N_BINS, (i + 1) / N_BINS
+        bars.append(
+            f'<rect x="{i * bw:.1f}" y="{h - bh:.1f}" width="{bw - 1:.1f}" height="{bh:.1f}" '
+            f'fill="{rgb}"><title>{lo:.2f}–{hi:.2f}: {c}</title></rect>'
+        )
+    tx = min(max(threshold, 0.0), 1.0) * w
+    return (
+        f'<svg class="hist" width="{w}" height="{h + 12}" viewBox="0 0 {w} {h + 12}" '
+        f'role="img"><rect width="{w}" height="{h}" fill="#f4f4f4"/>{"".join(bars)}'
+        f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="0" y2="{h}" stroke="#333" stroke-dasharray="2"/>'
+        f'<text x="0" y="{h + 10}" font-size="9">0</text>'
+        f'<text x="{w}" y="{h + 10}" font-size="9" text-anchor="end">1 (max {top})</text></svg>'
+    )
+
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fff}
+h1{margin:0 0 4px}h2{margin-top:32px;border-bottom:1px solid #ddd}
+.muted,.uri{color:#666}.uri{font-size:12px;word-break:break-all}
+.cards{display:flex;gap:12px;flex-wrap:wrap}
+.card{border:1px solid #ddd;border-radius:6px;padding:8px 14px;min-width:90px}
+.card b{display:block;font-size:22px}
+table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;
+vertical-align:middle}.sw{display:inline-block;width:12px;height:12px;border-radius:2px}
+.grid{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}
+figure{margin:0;border:1px solid #ddd;border-radius:6px;padding:6px;max-width:1040px}
+.pair{display:flex;gap:6px;flex-wrap:wrap}.panel img{display:block;max-width:100%}
+.pt{font-size:12px;color:#555}.ref img{display:block}
+.ph{width:300px;min-height:120px;background:#f6eeee;border:1px dashed #c99;padding:8px;
+box-sizing:border-box}.ph pre,td pre{white-space:pre-wrap;word-break:break-word;margin:4px 0;
+font-size:12px}.gen{background:#fd5;border-radius:3px;padding:0 4px;font-size:11px}
+details pre{background:#f6f6f6;padding:8px;overflow:auto;max-height:480px}
+"""
+_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+def _cards(items: Sequence[tuple[str, Any]]) -> str:
+    cells = "".join(
+        f'<div class="card"><b>{_esc("n/a" if v is None else v)}</b>{_esc(k)}</div>'
+        for k, v in items
+    )
+    return f'<div class="cards">{cells}</div>'
+
+
+def _class_table(stats: Mapping[int, ClassStats], threshold: float) -> str:
+    if not stats:
+        return "<p>No instances.</p>"
+    head = (
+        "<tr><th></th><th>class</th><th>id</th><th>instances</th>"
+        f"<th>score ≥ {threshold:g}</th><th>mean score</th><th>score histogram</th></tr>"
+    )
+    rows = []
+    for cid, s in sorted(stats.items(), key=lambda kv: (-kv[1].count, kv[0])):
+        colour = class_colour(cid)
+        rows.append(
+            f'<tr><td><span class="sw" style="background:rgb{colour}"></span></td>'
+            f"<td>{_esc(s.name)}</td><td>{cid}</td><td>{s.count}</td><td>{s.above}</td>"
+            f"<td>{s.score_sum / max(s.count, 1):.3f}</td>"
+            f"<td>{histogram_svg(s.hist, colour, threshold)}</td></tr>"
+        )
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _errors_table(summary: ImageSummary) -> str:
+    if not summary.errors:
+        return "<p>No errors.</p>"
+    more = (summary.n_errors or 0) - len(summary.errors)
+    rows = "".join(
+        f"<tr><td>{r.image_id}</td><td class=uri>{_esc(r.image_uri)}</td>"
+        f"<td><pre>{_esc(r.error or r.status)}</pre></td></tr>"
+        for r in summary.errors
+    )
+    note = f"<p class=muted>{more} more error rows not listed.</p>" if more > 0 else ""
+    return f"<table><tr><th>image id</th><th>image_uri</th><th>error</th></tr>{rows}</table>{note}"
+
+
+def _references(refs: Sequence[Mapping[str, Any]]) -> tuple[str, int]:
+    if not refs:
+        return "<p>No reference information in run.json.</p>", 0
+    by_class: dict[int, list[Mapping[str, Any]]] = {}
+    for r in refs:
+        by_class.setdefault(int(r.get("category_id", -1)), []).append(r)
+    chosen = [r for cid in sorted(by_class) for r in by_class[cid][:MAX_REFS_PER_CLASS]]
+    with ThreadPoolExecutor(_THREADS) as pool:
+        parts = list(pool.map(render_reference, chosen))
+    note = f"<p class=muted>{len(chosen)} of {len(refs)} references shown.</p>"
+    return note + f'<div class="grid">{"".join(p for p, _ in parts)}</div>', sum(
+        n for _, n in parts
+    )
+
+
+def _run_json_text(run: Mapping[str, Any]) -> str:
+    shown = {k: v for k, v in run.items() if k != "references"}
+    text = json.dumps(shown, indent=2, sort_keys=True, default=str)
+    return text if len(text) < 200_000 else text[:200_000] + "\n... (truncated)"
+
+
+def build_page(
+    out: str,
+    *,
+    stats: Mapping[int, ClassStats],
+    summary: ImageSummary,
+    tiles: Sequence[str],
+    refs_html: str,
+    run: Mapping[str, Any],
+    threshold: float,
+    has_gt: bool,
+) -> str:
+    """The whole HTML page (every text escaped)."""
+    n_inst = sum(s.count for s in stats.values())
+    cards = _cards(
+        [
+            ("images", summary.n_images),
+            ("ok", summary.n_ok),
+            ("errors", summary.n_errors),
+            ("instances", n_inst),
+            (f"instances ≥ {threshold:g}", sum(s.above for s in stats.values())),
+            ("classes", len(stats)),
+        ]
+    )
+    gt_note = " Ground truth shown beside each prediction." if has_gt else ""
+    grid = "".join(tiles) or "<p>No images to show.</p>"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{_CSP}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>refseg report: {_esc(out)}</title><style>{_CSS}</style></head><body>
+<h1>refseg report</h1><p class="muted">run: {_esc(out)}</p>
+<section id="summary"><h2>Summary</h2>{cards}
+<h3>Instances per class</h3>{_class_table(stats, threshold)}</section>
+<section id="overlays"><h2>Overlays</h2><p class="muted">{len(tiles)} images (lowest ids,
+images with instances first); instances with score &lt; {threshold:g} hidden.{gt_note}</p>
+<div class="grid">{grid}</div></section>
+<section id="references"><h2>References</h2>{refs_html}</section>
+<section id="errors"><h2>Errors ({summary.n_errors or 0})</h2>{_errors_table(summary)}</section>
+<section id="run"><h2>Run</h2><details><summary>run.json</summary>
+<pre>{_esc(_run_json_text(run))}</pre></details></section>
+</body></html>
+"""
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def write_report(
+    out: str,
+    *,
+    ground_truth: str | dict | None = None,
+    score_threshold: float = 0.0,
+    max_images: int = 48,
+    dest: str | None = None,
+) -> str:
+    """Write the review page of the run folder ``out``; return its path/URI.
+
+    Args:
+        out: run folder (local path or fsspec URI) with ``instances/``, ``images/``,
+            ``run.json``.
+        ground_truth: a COCO annotation file (path/URI) or dict with the run's image ids;
+            its masks are drawn beside the predictions.
+        score_threshold: instances scoring below it are not drawn (they still count).
+        max_images: images in the overlay grid (lowest ids, images with instances first).
+        dest: where to write; default ``out/report.html``.
+    """
+    if not np.isfinite(score_threshold):
+        raise ValueError(f"score_threshold must be finite, got {score_threshold}")
+    if max_images < 0:
+        raise ValueError(f"max_images must be >= 0, got {max_images}")
+    instances, images = _parquet_dataset(out, "instances"), _parquet_dataset(out, "images")
+    run = _read_json(_join(out, "run.json"))
+    if instances is None and images is None and run is None:
+        raise FileNotFoundError(
+            f"{out} has no instances/*.parquet, images/*.parquet or run.json: "
+            "is it the --out folder of `refseg label`?"
+        )
+    run = run if isinstance(run, dict) else {}
+    gt = coco.load_coco(ground_truth) if isinstance(ground_truth, str) else ground_truth
+    stats = class_stats(instances, score_threshold)
+    summary = summarise_images(images, instances, max_images)
+    ids = [r.image_id for r in summary.sample]
+    insts = sampled_instances(instances, ids, score_threshold)
+    gt_parts = ground_truth_for(gt, ids) if gt is not None else None
+    jobs = []
+    for r in summary.sample:
+        gt_in = None
+        if gt_parts is not None:
+            gt_in = (gt_parts[0][r.image_id], gt_parts[2].get(r.image_id), gt_parts[1])
+        jobs.append(TileInput(r, insts[r.image_id], MAX_INSTANCES_PER_TILE, gt_in))
+    with ThreadPoolExecutor(_THREADS) as pool:
+        tiles = [html_ for html_, _ in pool.map(render_tile, jobs)]
+    refs_html, _ = _references(run.get("references") or [])
+    page = build_page(
+        out,
+        stats=stats,
+        summary=summary,
+        tiles=tiles,
+        refs_html=refs_html,
+        run=run,
+        threshold=score_threshold,
+        has_gt=gt is not None,
+    )
+    target = dest or _join(out, "report.html")
+    with fsspec.open(target, "w", encoding="utf-8") as f:
+        f.write(page)
+    return target
+
+
+def add_report_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``refseg report``'s arguments to ``parser``."""
+    parser.add_argument("run_dir", metavar="OUT", help="run folder written by `refseg label`")
+    parser.add_argument(
+        "--ground-truth", metavar="GT.json", default=None,
+        help="COCO annotation file with the same image ids, drawn beside the predictions",
+    )  # fmt: skip
+    parser.add_argument(
+        "--score-threshold", metavar="T", type=float, default=0.0,
+        help="hide instances scoring below T in the overlays (default 0)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-images", metavar="N", type=int, default=48,
+        help="images in the overlay grid (default 48)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--out", metavar="PATH", dest="dest", default=None,
+        help="where to write the page (default OUT/report.html)",
+    )  # fmt: skip
+    return parser
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Run ``refseg report`` from parsed arguments; print the page's path; return 0."""
+    path = write_report(
+        args.run_dir,
+        ground_truth=args.ground_truth,
+        score_threshold=args.score_threshold,
+        max_images=args.max_images,
+        dest=args.dest,
+    )
+    print(path)
+    return 0

@@ -1,0 +1,1 @@
+"""pipeline: the Ray Data streaming labelling job (sources, stages, dataset graph, outputs)."""

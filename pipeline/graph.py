@@ -1,0 +1,79 @@
+"""The dataset graph of a labelling job, with every resource choice in one place.
+
+read bytes -> decode (CPU tasks) -> SAM2 proposals (actor pool) -> DINOv2 matching
+(actor pool holding the memory bank; masks leave it as RLE) -> write parts (CPU tasks).
+"""
+
+from __future__ import annotations
+
+import ray.data
+from ray.data import ActorPoolStrategy
+
+from pipeline.outputs import write_parts
+from pipeline.settings import PipelineSettings, Resources
+from pipeline.stages import MatchStage, ProposalStage, decode_batch
+from pipeline.storage import Location
+from refseg_core.config import MethodConfig, ModelConfig
+
+__all__ = ["build_graph"]
+
+# Actors survive lost workers: restarted without limit, their batches retried.
+_FAULT_TOLERANT = {"max_restarts": -1, "max_task_retries": -1}
+
+
+def build_graph(
+    source: ray.data.Dataset,
+    *,
+    model: ModelConfig,
+    method: MethodConfig,
+    bank_bytes: bytes,
+    settings: PipelineSettings,
+    resources: Resources,
+    out: Location,
+) -> ray.data.Dataset:
+    """Wire the stages; returns a dataset of small per-image summary rows."""
+    actor_model = ModelConfig(**{**model.__dict__, "device": resources.device})
+    ds = source.map_batches(
+        decode_batch,
+        fn_kwargs={
+            "size": model.sam2_image_size,
+            "resize": method.resize,
+            "max_pixels": settings.max_pixels,
+        },
+        batch_size=settings.decode_batch_size,
+        num_cpus=settings.decode_cpus,
+    )
+    ds = ds.map_batches(
+        ProposalStage,
+        fn_constructor_kwargs={
+            "model": actor_model,
+            "method": method,
+            "torch_threads": resources.torch_threads,
+        },
+        compute=ActorPoolStrategy(size=resources.proposal_actors),
+        batch_size=settings.proposal_batch_size,
+        num_gpus=resources.gpus_per_proposal_actor,
+        num_cpus=resources.cpus_per_actor,
+        **_FAULT_TOLERANT,
+    )
+    ds = ds.map_batches(
+        MatchStage,
+        # The bank goes to each actor's constructor once, never with each batch.
+        fn_constructor_kwargs={
+            "model": actor_model,
+            "method": method,
+            "bank_bytes": bank_bytes,
+            "torch_threads": resources.torch_threads,
+        },
+        compute=ActorPoolStrategy(size=resources.match_actors),
+        batch_size=settings.match_batch_size,
+        num_gpus=resources.gpus_per_match_actor,
+        num_cpus=resources.cpus_per_actor,
+        **_FAULT_TOLERANT,
+    )
+    return ds.map_batches(
+        write_parts,
+        fn_kwargs={"out": out},
+        batch_size=settings.write_batch_size,
+        num_cpus=settings.write_cpus,
+    )

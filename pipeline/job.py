@@ -1,0 +1,234 @@
+"""The labelling job: resume state, Ray start-up, the graph, outputs and the run record."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+
+from pipeline import outputs
+from pipeline.graph import build_graph
+from pipeline.run_record import package_versions, read_run_record, write_run_record
+from pipeline.schema import Col
+from pipeline.settings import PipelineSettings
+from pipeline.sources import ImageSource, NothingToDo, read_source
+from pipeline.storage import Location, resolve
+from refseg_core.checkpoints import resolve_checkpoint
+from refseg_core.coco import load_coco
+from refseg_core.config import MethodConfig, ModelConfig
+from refseg_core.memory_bank import MemoryBank
+
+__all__ = ["LabelJob", "LabelSummary", "run_label", "ensure_ray"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LabelJob:
+    memory: str
+    source: ImageSource
+    out: str
+    model: ModelConfig
+    method: MethodConfig
+    settings: PipelineSettings = field(default_factory=PipelineSettings)
+    preset: str = "custom"
+    num_cpus: int | None = None  # for a local Ray started on the fly
+
+
+@dataclass(frozen=True)
+class LabelSummary:
+    images: int
+    ok: int
+    errors: int
+    instances: int
+    seconds: float
+    skipped_done: int
+    out: str
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (
+            f"refseg label: {self.images} images ({self.ok} ok, {self.errors} errors), "
+            f"{self.instances} instances, {self.images_per_second:.2f} images/s, "
+            f"{self.skipped_done} already done; outputs in {self.out}"
+        )
+
+
+def ensure_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None) -> None:
+    """Connect to RAY_ADDRESS when set, else start a local Ray (the embedded default)."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    runtime_env = {"env_vars": env_vars} if env_vars else None
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
+    else:
+        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False)
+
+
+def _config_fingerprint(job: LabelJob, bank_sha: str) -> str:
+    cfg = {"model": dataclasses.asdict(job.model), "method": dataclasses.asdict(job.method)}
+    cfg["model"].pop("device", None)
+    cfg["bank_sha256"] = bank_sha
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _checkpoint_hashes(model: ModelConfig) -> dict[str, str | None]:
+    if model.random_weights:
+        return {"sam2": None, "dinov2": None, "note": "random weights"}  # type: ignore[dict-item]
+    out: dict[str, str | None] = {}
+    for key, spec in (("sam2", model.sam2_checkpoint), ("dinov2", model.dinov2_checkpoint)):
+        out[key] = resolve_checkpoint(spec).sha256 if spec else None
+    return out
+
+
+def _check_out_reachable(out: Location) -> None:
+    try:
+        out.fs.get_file_info(out.path)
+    except Exception as exc:
+        raise ConnectionError(
+            f"cannot reach the output location {out.uri}: {exc}. Check the endpoint "
+            "(--s3-endpoint / AWS_ENDPOINT_URL) and credentials; no work was started"
+        ) from exc
+
+
+def _warn_categories(job: LabelJob, bank: MemoryBank) -> None:
+    if not job.source.targets:
+        return
+    cats = {int(c["id"]): c["name"] for c in load_coco(job.source.targets).get("categories", [])}
+    for cid, name in cats.items():
+        if cid in bank.names and bank.names[cid] != name:
+            raise ValueError(
+                f"category id {cid} is {name!r} in the targets ({job.source.targets}) but "
+                f"{bank.names[cid]!r} in the memory bank ({job.memory}): the two must use "
+                "the same category ids"
+            )
+    unknown = sorted(set(cats) - set(bank.names))
+    if unknown:
+        log.warning(
+            "targets list categories the bank does not know (they cannot be labelled): %s; "
+            "bank has %s",
+            {c: cats[c] for c in unknown},
+            bank.names,
+        )
+
+
+def run_label(job: LabelJob) -> LabelSummary:
+    """Run (or resume) a labelling job; returns the counts of this run."""
+    t0 = time.perf_counter()
+    out = resolve(job.out, s3_endpoint=job.source.s3_endpoint)
+    _check_out_reachable(out)
+    bank = MemoryBank.load(job.memory)
+    bank.check_encoder(job.model.dinov2_model, job.model.dinov2_image_size)
+    _warn_categories(job, bank)
+    bank_bytes = bank.to_bytes()
+    bank_sha = hashlib.sha256(bank_bytes).hexdigest()
+    fingerprint = _config_fingerprint(job, bank_sha)
+    previous = read_run_record(out)
+    if previous and previous.get("fingerprint") not in (None, fingerprint):
+        raise ValueError(
+            f"{out.uri} holds a run with another configuration or memory bank "
+            f"(fingerprint {previous.get('fingerprint')} != {fingerprint}): use a new --out, "
+            "or delete the old outputs to relabel"
+        )
+    removed = outputs.remove_orphans(out)
+    done = outputs.done_image_ids(out)
+    if removed:
+        log.warning("removed %d parts of interrupted batches; their images run again", removed)
+
+    env = {}
+    if job.source.s3_endpoint:
+        env["AWS_ENDPOINT_URL"] = job.source.s3_endpoint
+    ensure_ray(job.num_cpus, env or None)
+    res = job.settings.resolve(
+        ray.cluster_resources().get("GPU", 0), ray.cluster_resources().get("CPU", 1)
+    )
+    counts = {"images": 0, "ok": 0, "errors": 0, "instances": 0}
+    try:
+        source = read_source(job.source, done=done, fetch_cpus=job.settings.decode_cpus)
+        ds = build_graph(
+            source,
+            model=job.model,
+            method=job.method,
+            bank_bytes=bank_bytes,
+            settings=job.settings,
+            resources=res,
+            out=out,
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            n = len(batch[Col.IMAGE_ID])
+            n_err = int(np.sum(batch[Col.STATUS] != "ok"))
+            counts["images"] += n
+            counts["errors"] += n_err
+            counts["ok"] += n - n_err
+            counts["instances"] += int(np.sum(batch[Col.N_INSTANCES]))
+    except NothingToDo as exc:
+        log.info("%s", exc)
+    seconds = time.perf_counter() - t0
+    categories = [{"id": c, "name": bank.names[c]} for c in bank.category_ids]
+    coco_stats = outputs.write_coco(out, categories)
+    totals = _totals(out)
+    record: dict[str, Any] = {
+        "fingerprint": fingerprint,
+        "preset": job.preset,
+        "config": {
+            "model": job.model,
+            "method": job.method,
+            "pipeline": job.settings,
+            "resources": res,
+            "memory": job.memory,
+            "source": job.source,
+            "out": job.out,
+        },
+        "random_weights": job.model.random_weights,
+        "warnings": ["random weights: results are meaningless"] if job.model.random_weights else [],
+        "versions": package_versions(),
+        "checkpoints": _checkpoint_hashes(job.model),
+        "memory_bank": {"sha256": bank_sha, **bank.describe(), "meta": bank.meta},
+        "references": [dataclasses.asdict(r) for c in bank.category_ids for r in bank.records[c]],
+        "counts": {"this_run": counts, "total": totals, "skipped_done": len(done)},
+        "timings": {
+            "seconds": seconds,
+            "coco_json_seconds": coco_stats["seconds"],
+            "images_per_second": counts["images"] / seconds if seconds else 0.0,
+            "stage_seconds": totals.pop("stage_seconds"),
+        },
+        "ray": {"address": os.environ.get("RAY_ADDRESS", "local")},
+    }
+    write_run_record(out, record)
+    return LabelSummary(
+        counts["images"],
+        counts["ok"],
+        counts["errors"],
+        counts["instances"],
+        seconds,
+        len(done),
+        out.uri,
+    )
+
+
+def _totals(out: Location) -> dict[str, Any]:
+    cols = [Col.STATUS, Col.N_INSTANCES, Col.T_DECODE, Col.T_PROPOSE, Col.T_MATCH, Col.T_ENCODE]
+    tot: dict[str, Any] = {"images": 0, "ok": 0, "errors": 0, "instances": 0}
+    stages = dict.fromkeys(("decode", "propose", "match", "encode"), 0.0)
+    for t in outputs.iter_tables(out, outputs.IMAGES_DIR, cols):
+        status = np.asarray(t.column(Col.STATUS).to_pylist())
+        tot["images"] += t.num_rows
+        tot["ok"] += int(np.sum(status == "ok"))
+        tot["errors"] += int(np.sum(status != "ok"))
+        tot["instances"] += int(np.sum(t.column(Col.N_INSTANCES).to_numpy()))
+        for key, col in zip(stages, cols[2:], strict=True):
+            stages[key] += float(np.nansum(t.column(col).to_numpy(zero_copy_only=False)))
+    tot["stage_seconds"] = stages
+    return tot

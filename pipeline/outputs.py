@@ -1,0 +1,215 @@
+"""Output layout of a labelling run, its atomic part writer, resume state and COCO files.
+
+OUT/
+  instances/part-<key>.parquet   one row per instance (INSTANCES_SCHEMA)
+  images/part-<key>.parquet      one row per input image (IMAGES_SCHEMA); written after the
+                                 instances part of the same key: it is the completion marker
+  coco_results.json, coco_dataset.json, run.json
+
+A part's key is a hash of its image ids, so a retried task rewrites the same files. Local
+files are written under a dot-name and renamed; object stores publish an object only when
+its upload completes. An instances part without its images part is an interrupted batch:
+it is ignored and removed on the next run, and its images are processed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, Col
+from pipeline.storage import Location
+
+__all__ = ["write_parts", "finished_parts", "done_image_ids", "remove_orphans", "write_coco"]
+
+INSTANCES_DIR, IMAGES_DIR = "instances", "images"
+
+
+def part_key(image_ids: np.ndarray) -> str:
+    ids = np.sort(np.asarray(image_ids, dtype=np.int64))
+    return hashlib.sha256(ids.tobytes()).hexdigest()[:20]
+
+
+def _write_table(loc: Location, table: pa.Table) -> None:
+    """Write parquet so that a reader never sees a partial file."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    data = buf.getvalue()
+    if isinstance(loc.fs, pafs.LocalFileSystem):
+        parent, name = loc.path.rsplit("/", 1)
+        tmp = f"{parent}/.{name}.tmp"
+        loc.fs.create_dir(parent, recursive=True)
+        with loc.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        loc.fs.move(tmp, loc.path)
+    else:
+        with loc.fs.open_output_stream(loc.path) as f:
+            f.write(data)
+
+
+def _images_table(batch: dict[str, np.ndarray]) -> pa.Table:
+    n = len(batch[Col.IMAGE_ID])
+    seconds = sum(
+        np.asarray(batch[c], dtype=np.float64)
+        for c in (Col.T_DECODE, Col.T_PROPOSE, Col.T_MATCH, Col.T_ENCODE)
+    )
+    errors = [str(e) if e else None for e in batch[Col.ERROR]]
+    cols: dict[str, Any] = {
+        Col.IMAGE_ID: batch[Col.IMAGE_ID],
+        Col.IMAGE_URI: [str(u) for u in batch[Col.IMAGE_URI]],
+        Col.WIDTH: batch[Col.WIDTH],
+        Col.HEIGHT: batch[Col.HEIGHT],
+        Col.STATUS: [str(s) for s in batch[Col.STATUS]],
+        Col.ERROR: errors,
+        Col.N_INSTANCES: batch.get(Col.N_INSTANCES, np.zeros(n, np.int32)),
+        Col.SECONDS: seconds,
+    }
+    for c in (Col.T_DECODE, Col.T_PROPOSE, Col.T_MATCH, Col.T_ENCODE):
+        cols[c] = batch[c]
+    return pa.Table.from_pydict(
+        {k: pa.array(v, IMAGES_SCHEMA.field(k).type) for k, v in cols.items()},
+        schema=IMAGES_SCHEMA,
+    )
+
+
+def write_parts(batch: dict[str, np.ndarray], *, out: Location) -> dict[str, np.ndarray]:
+    """Write one batch's instances part, then its images part; return a small summary."""
+    key = part_key(batch[Col.IMAGE_ID])
+    tables = [pa.ipc.open_stream(b).read_all() for b in batch[Col.INSTANCES] if len(b)]
+    inst = pa.concat_tables(tables) if tables else INSTANCES_SCHEMA.empty_table()
+    images = _images_table(batch)
+    _write_table(out.child(INSTANCES_DIR, f"part-{key}.parquet"), inst.cast(INSTANCES_SCHEMA))
+    _write_table(out.child(IMAGES_DIR, f"part-{key}.parquet"), images)
+    return {
+        Col.IMAGE_ID: images.column(Col.IMAGE_ID).to_numpy(),
+        Col.STATUS: np.asarray(images.column(Col.STATUS).to_pylist(), dtype=object),
+        Col.N_INSTANCES: images.column(Col.N_INSTANCES).to_numpy(),
+        Col.SECONDS: images.column(Col.SECONDS).to_numpy(),
+    }
+
+
+def _list_parts(loc: Location) -> set[str]:
+    try:
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
+    except (FileNotFoundError, OSError):
+        return set()
+    return {
+        i.base_name
+        for i in infos
+        if i.type == pafs.FileType.File
+        and i.base_name.startswith("part-")
+        and i.base_name.endswith(".parquet")
+    }
+
+
+def finished_parts(out: Location) -> list[str]:
+    """Names of the parts whose images file (the completion marker) exists."""
+    return sorted(_list_parts(out.child(IMAGES_DIR)))
+
+
+def remove_orphans(out: Location) -> int:
+    """Delete instances parts of interrupted batches (no images part); return how many."""
+    orphans = _list_parts(out.child(INSTANCES_DIR)) - set(finished_parts(out))
+    for name in orphans:
+        out.fs.delete_file(out.child(INSTANCES_DIR, name).path)
+    return len(orphans)
+
+
+def _read_column(loc: Location, names: list[str], columns: list[str]) -> Iterator[pa.Table]:
+    for name in names:
+        with loc.fs.open_input_file(loc.child(name).path) as f:
+            yield pq.read_table(f, columns=columns)
+
+
+def done_image_ids(out: Location) -> np.ndarray:
+    """Sorted int64 ids of every image that already has finished output."""
+    parts = [
+        t.column(Col.IMAGE_ID).to_numpy()
+        for t in _read_column(out.child(IMAGES_DIR), finished_parts(out), [Col.IMAGE_ID])
+    ]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+
+def iter_tables(out: Location, kind: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """Stream the finished parts of ``instances`` or ``images``, one part at a time."""
+    yield from _read_column(out.child(kind), finished_parts(out), columns)  # type: ignore[arg-type]
+
+
+def _open_text(loc: Location):
+    if isinstance(loc.fs, pafs.LocalFileSystem):
+        loc.fs.create_dir(loc.path.rsplit("/", 1)[0], recursive=True)
+    return loc.fs.open_output_stream(loc.path)
+
+
+class _JsonArrayWriter:
+    """Writes ``[item, item, ...]`` to a stream item by item."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.first = stream, True
+
+    def add(self, item: Any) -> None:
+        self.stream.write((b"" if self.first else b",\n") + json.dumps(item).encode())
+        self.first = False
+
+
+def _annotation_rows(out: Location) -> Iterator[dict[str, Any]]:
+    for table in iter_tables(out, INSTANCES_DIR):
+        for r in table.to_pylist():
+            yield {
+                "image_id": int(r[Col.IMAGE_ID]),
+                "category_id": int(r["category_id"]),
+                "bbox": [float(v) for v in r["bbox"]],
+                "score": float(r["score"]),
+                "segmentation": {
+                    "size": list(r["segmentation"]["size"]),
+                    "counts": r["segmentation"]["counts"],
+                },
+                "area": float(r["area"]),
+            }
+
+
+def write_coco(out: Location, categories: list[dict[str, Any]]) -> dict[str, int]:
+    """Assemble coco_results.json and coco_dataset.json by streaming over the parts."""
+    t0 = time.perf_counter()
+    n_results = 0
+    with _open_text(out.child("coco_results.json")) as f:
+        f.write(b"[")
+        w = _JsonArrayWriter(f)
+        for row in _annotation_rows(out):
+            w.add(row)
+            n_results += 1
+        f.write(b"]\n")
+    n_images = 0
+    with _open_text(out.child("coco_dataset.json")) as f:
+        f.write(b'{"info": {"description": "refseg labels"}, "categories": ')
+        f.write(json.dumps(categories).encode())
+        f.write(b', "images": [')
+        w = _JsonArrayWriter(f)
+        for table in iter_tables(out, IMAGES_DIR):
+            for r in table.to_pylist():
+                if r[Col.STATUS] != "ok":
+                    continue
+                w.add(
+                    {
+                        "id": int(r[Col.IMAGE_ID]),
+                        "file_name": r[Col.IMAGE_URI],
+                        "width": int(r[Col.WIDTH]),
+                        "height": int(r[Col.HEIGHT]),
+                    }
+                )
+                n_images += 1
+        f.write(b'], "annotations": [')
+        w = _JsonArrayWriter(f)
+        for k, row in enumerate(_annotation_rows(out), start=1):
+            w.add({"id": k, "iscrowd": 0, **row})
+        f.write(b"]}\n")
+    return {"results": n_results, "images": n_images, "seconds": time.perf_counter() - t0}

@@ -1,0 +1,203 @@
+"""Thin Ray Data stages: decode columns, call refseg_core, encode columns.
+
+Each stage maps a ``dict[str, np.ndarray]`` batch to another. Method logic lives in
+refseg_core; a failure on one image becomes an error row, never a failed batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.schema import Col
+from refseg_core.config import MethodConfig, ModelConfig
+from refseg_core.factory import build_encoder, build_proposer
+from refseg_core.imaging import decode_image
+from refseg_core.matching import Matcher
+from refseg_core.memory_bank import MemoryBank
+from refseg_core.proposals import Proposals
+from refseg_core.segmenter import PreparedTarget, prepare_target, stack_targets
+
+__all__ = ["decode_batch", "ProposalStage", "MatchStage", "error_text"]
+
+log = logging.getLogger(__name__)
+Batch = dict[str, np.ndarray]
+
+
+def error_text(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, ValueError) else f"{type(exc).__name__}: {text}"
+
+
+def decode_batch(batch: Batch, *, size: int, resize: str, max_pixels: int) -> Batch:
+    """Bytes -> SAM2 input squares. CPU task. Undecodable files become error rows."""
+    n = len(batch[Col.IMAGE_ID])
+    squares = np.zeros((n, size, size, 3), dtype=np.uint8)
+    cols: dict[str, list[Any]] = {k: [] for k in (Col.VALID_H, Col.VALID_W, Col.HEIGHT)}
+    cols.update({Col.WIDTH: [], Col.STATUS: [], Col.ERROR: [], Col.T_DECODE: []})
+    for i in range(n):
+        t0 = time.perf_counter()
+        uri = str(batch[Col.IMAGE_URI][i])
+        try:
+            fetch_error = batch[Col.ERROR][i] if Col.ERROR in batch else ""
+            if fetch_error:
+                raise ValueError(str(fetch_error))
+            data = batch[Col.BYTES][i]
+            img = decode_image(bytes(data), uri=uri, max_pixels=max_pixels)
+            prep = prepare_target(img, size, resize)  # type: ignore[arg-type]
+            squares[i] = prep.square
+            vals = (*prep.valid_hw, *prep.orig_hw, "ok", "")
+        except Exception as exc:
+            vals = (0, 0, 0, 0, "error", error_text(exc))
+        for key, v in zip(
+            (Col.VALID_H, Col.VALID_W, Col.HEIGHT, Col.WIDTH, Col.STATUS, Col.ERROR),
+            vals,
+            strict=True,
+        ):
+            cols[key].append(v)
+        cols[Col.T_DECODE].append(time.perf_counter() - t0)
+    out: Batch = {
+        Col.IMAGE_ID: np.asarray(batch[Col.IMAGE_ID], dtype=np.int64),
+        Col.IMAGE_URI: np.asarray(batch[Col.IMAGE_URI], dtype=object),
+        Col.SQUARE: squares,
+    }
+    for key, vals_ in cols.items():
+        out[key] = np.asarray(vals_, dtype=object if key in (Col.STATUS, Col.ERROR) else None)
+    return out
+
+
+def _targets(batch: Batch, rows: np.ndarray) -> list[PreparedTarget]:
+    return [
+        PreparedTarget(
+            batch[Col.SQUARE][i],
+            (int(batch[Col.VALID_H][i]), int(batch[Col.VALID_W][i])),
+            (int(batch[Col.HEIGHT][i]), int(batch[Col.WIDTH][i])),
+        )
+        for i in rows
+    ]
+
+
+def _per_image(
+    batch: Batch, rows: np.ndarray, fn: Callable[[list[int]], list[Any]]
+) -> dict[int, Any]:
+    """Run ``fn`` on all ok rows at once; if that fails, row by row (errors per image)."""
+    try:
+        return dict(zip(rows.tolist(), fn(rows.tolist()), strict=True))
+    except Exception as exc:
+        if len(rows) == 1:
+            return {int(rows[0]): exc}
+        log.warning("batch of %d failed (%s); retrying image by image", len(rows), exc)
+    out: dict[int, Any] = {}
+    for i in rows.tolist():
+        try:
+            out[i] = fn([i])[0]
+        except Exception as exc:
+            out[i] = exc
+    return out
+
+
+def _mark_errors(batch: Batch, results: dict[int, Any]) -> None:
+    status = batch[Col.STATUS].astype(object)
+    error = batch[Col.ERROR].astype(object)
+    for i, r in results.items():
+        if isinstance(r, BaseException):
+            status[i], error[i] = "error", error_text(r)
+    batch[Col.STATUS], batch[Col.ERROR] = status, error
+
+
+class ProposalStage:
+    """Actor: SAM2 proposals for the ok rows; adds the compact ``proposals`` column."""
+
+    def __init__(self, model: ModelConfig, method: MethodConfig, torch_threads: int | None):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.proposer = build_proposer(model, method)
+
+    def __call__(self, batch: Batch) -> Batch:
+        t0 = time.perf_counter()
+        rows = np.nonzero(batch[Col.STATUS] == "ok")[0]
+
+        def run(idx: list[int]) -> list[bytes]:
+            targets = _targets(batch, np.asarray(idx))
+            props = self.proposer.propose(
+                stack_targets(targets),
+                [t.valid_hw for t in targets],
+                [t.orig_hw for t in targets],
+            )
+            return [p.to_bytes() for p in props]
+
+        results = _per_image(batch, rows, run) if len(rows) else {}
+        _mark_errors(batch, results)
+        n = len(batch[Col.IMAGE_ID])
+        batch[Col.PROPOSALS] = np.asarray(
+            [results.get(i) if isinstance(results.get(i), bytes) else b"" for i in range(n)],
+            dtype=object,
+        )
+        batch[Col.T_PROPOSE] = np.full(n, (time.perf_counter() - t0) / max(len(rows), 1))
+        return batch
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+class MatchStage:
+    """Actor holding the memory bank: DINOv2 matching, masks encoded to RLE here."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        method: MethodConfig,
+        bank_bytes: bytes,
+        torch_threads: int | None,
+    ):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        bank = MemoryBank.from_bytes(bank_bytes, source="memory bank")
+        self.matcher = Matcher(build_encoder(model, method), bank, method)
+        self.names = dict(bank.names)
+
+    def __call__(self, batch: Batch) -> Batch:
+        n = len(batch[Col.IMAGE_ID])
+        rows = np.nonzero(batch[Col.STATUS] == "ok")[0]
+        t_match = np.zeros(n)
+        t_encode = np.zeros(n)
+
+        def run(idx: list[int]) -> list[bytes]:
+            t0 = time.perf_counter()
+            targets = _targets(batch, np.asarray(idx))
+            feats = self.matcher.target_features(stack_targets(targets))
+            out = []
+            for k, i in enumerate(idx):
+                t1 = time.perf_counter()
+                inst = self.matcher.match(Proposals.from_bytes(batch[Col.PROPOSALS][i]), feats[k])
+                t2 = time.perf_counter()
+                table = inst.with_rles(drop_masks=True).to_arrow(
+                    int(batch[Col.IMAGE_ID][i]), str(batch[Col.IMAGE_URI][i]), self.names
+                )
+                out.append((_ipc(table), table.num_rows))
+                t_match[i] = t2 - t1
+                t_encode[i] = time.perf_counter() - t2
+            share = (time.perf_counter() - t0 - t_match[idx].sum() - t_encode[idx].sum()) / len(idx)
+            t_match[idx] += share  # the batch's feature extraction, shared out
+            return out
+
+        results = _per_image(batch, rows, run) if len(rows) else {}
+        _mark_errors(batch, results)
+        ok = {i: r for i, r in results.items() if not isinstance(r, BaseException)}
+        batch[Col.INSTANCES] = np.asarray([ok[i][0] if i in ok else b"" for i in range(n)], object)
+        batch[Col.N_INSTANCES] = np.asarray(
+            [ok[i][1] if i in ok else 0 for i in range(n)], np.int32
+        )
+        batch[Col.T_MATCH], batch[Col.T_ENCODE] = t_match, t_encode
+        del batch[Col.SQUARE], batch[Col.PROPOSALS]
+        return batch

@@ -1,0 +1,108 @@
+"""Settings of the method and of the models, as small frozen dataclasses.
+
+Every number of ``../shared/method.md`` lives here with the paper's default. A preset is a
+named pair of (ModelConfig, MethodConfig); flags and config files override single fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ResizeMode = Literal["square", "longest-side"]
+BoxConvention = Literal["ntt", "standard"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which backbones to build and from where.
+
+    ``sam2_config`` is any config name the sam2 package ships (``sam2_hiera_l``,
+    ``sam2.1_hiera_t``...). ``dinov2_model`` is ``vits14``, ``vitb14``, ``vitl14``,
+    ``vitg14`` with an optional ``_reg`` suffix. Checkpoints are local paths, fsspec URIs
+    or names of official checkpoints (``refseg checkpoints list``).
+    """
+
+    sam2_config: str = "sam2_hiera_l"
+    sam2_checkpoint: str | None = None
+    dinov2_model: str = "vitl14"
+    dinov2_checkpoint: str | None = None
+    device: str = "cpu"
+    random_weights: bool = False
+    sam2_image_size: int = 1024
+    dinov2_image_size: int = 518
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """The method's settings (method.md §1-§4); defaults reproduce the paper's code."""
+
+    # §1 references
+    context_scale: float = 1.2
+    min_mask_weight: float = 1e-3  # Σ m_p below this: the shot is skipped with a warning
+    # §3 proposals
+    points_per_side: int = 32
+    prompt_batch: int = 256
+    iou_threshold: float = 0.4
+    mask_threshold: float = 0.0
+    add_no_mem_embed: bool = False
+    resize: ResizeMode = "square"
+    # §4 matching
+    nms_iou: float = 0.5
+    max_nms: int = 800
+    merge_power: float = 0.5
+    soft_merge: bool = True
+    max_instances: int = 100
+    score_threshold: float = 0.0
+    box_convention: BoxConvention = "ntt"
+    # speed options (off by default: the paper runs float32)
+    autocast_bf16: bool = False
+
+    def __post_init__(self) -> None:
+        if self.points_per_side < 1:
+            raise ValueError(f"points_per_side must be >= 1, got {self.points_per_side}")
+        if self.prompt_batch < 1:
+            raise ValueError(f"prompt_batch must be >= 1, got {self.prompt_batch}")
+        if self.resize not in ("square", "longest-side"):
+            raise ValueError(f"resize must be 'square' or 'longest-side', got {self.resize!r}")
+        if self.box_convention not in ("ntt", "standard"):
+            raise ValueError(
+                f"box_convention must be 'ntt' or 'standard', got {self.box_convention!r}"
+            )
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model: ModelConfig
+    method: MethodConfig = field(default_factory=MethodConfig)
+
+
+PRESETS: dict[str, Preset] = {
+    # The paper's setting: SAM 2.0 Hiera-L, DINOv2 ViT-L/14 at 518, 32x32 grid.
+    "ntt": Preset("ntt", ModelConfig()),
+    # Small models and sizes so that a CPU test runs in seconds.
+    "tiny": Preset(
+        "tiny",
+        ModelConfig(
+            sam2_config="sam2.1_hiera_t",
+            dinov2_model="vits14",
+            sam2_image_size=256,
+            dinov2_image_size=112,
+        ),
+        MethodConfig(points_per_side=8, prompt_batch=64, max_nms=200, box_convention="standard"),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def replace(obj: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` that ignores ``None`` values (unset flags)."""
+    return dataclasses.replace(obj, **{k: v for k, v in changes.items() if v is not None})

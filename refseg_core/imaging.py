@@ -1,0 +1,398 @@
+"""Image decoding and the geometric helpers of the method (resize, context crop, tensors).
+
+Conventions used throughout:
+
+- Images are ``(H, W, 3)`` uint8 RGB numpy arrays, row-major: ``img[y, x]``.
+- Sizes are ``(h, w)`` tuples; boxes are COCO ``(x, y, w, h)`` floats in, ``(x0, y0, x1, y1)``
+  ints out with an exclusive end, so ``img[y0:y1, x0:x1]`` is the crop.
+- Continuous pixel coordinates put the centre of pixel ``i`` at ``i + 0.5``.
+
+Decoding follows the paper's code (PIL, ``convert("RGB")``: grayscale replicated, alpha
+dropped without compositing) and adds what it lacks: EXIF orientation, 16-bit images scaled
+instead of clipped, truncated files and decompression bombs refused with a clear error.
+PIL's global settings (``LOAD_TRUNCATED_IMAGES``, ``MAX_IMAGE_PIXELS``, warning filters) are
+never changed here, so decoding is safe to call from many threads.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from refseg_core.config import ResizeMode
+
+__all__ = [
+    "DEFAULT_FORMATS",
+    "ImageDecodeError",
+    "ResizeInfo",
+    "context_crop_box",
+    "crop_valid",
+    "decode_image",
+    "longest_side_hw",
+    "lowres_to_original",
+    "resize_image",
+    "resize_longest_side",
+    "resize_square",
+    "to_float_tensor",
+]
+
+#: Raster formats ``decode_image`` accepts, detected from the bytes (never from the name).
+#: Vector and document formats (EPS would start Ghostscript) are left out on purpose.
+DEFAULT_FORMATS: tuple[str, ...] = (
+    "JPEG", "MPO", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "JPEG2000", "AVIF",
+)  # fmt: skip
+
+_EXIF_ORIENTATION = 0x0112
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+_BICUBIC = Image.Resampling.BICUBIC
+
+
+class ImageDecodeError(ValueError):
+    """An image could not be decoded; the message names the image, the problem and a fix.
+
+    Attributes ``uri``, ``problem`` and ``hint`` hold the parts of the message. The error
+    pickles with its fields (Ray ships exceptions between processes).
+    """
+
+    def __init__(self, uri: str, problem: str, hint: str = "") -> None:
+        self.uri, self.problem, self.hint = uri, problem, hint
+        message = f"cannot decode image {uri!r}: {problem}"
+        super().__init__(f"{message}; {hint}" if hint else message)
+
+    def __reduce__(self) -> tuple[type[ImageDecodeError], tuple[str, str, str]]:
+        return (type(self), (self.uri, self.problem, self.hint))
+
+
+_HINT_REENCODE = "re-download or re-encode the file (e.g. as PNG or JPEG), or drop it"
+_HINT_BOMB = "downscale the image, or raise max_pixels if it is genuine"
+
+
+def _accepted(formats: Sequence[str]) -> list[str]:
+    Image.init()
+    return [f for f in (s.upper() for s in formats) if f in Image.OPEN]
+
+
+def decode_image(
+    data: bytes | bytearray | memoryview,
+    *,
+    uri: str = "<bytes>",
+    max_pixels: int = 178_956_970,
+    apply_exif_orientation: bool = True,
+    formats: Sequence[str] = DEFAULT_FORMATS,
+) -> np.ndarray:
+    """Decode encoded image bytes to an ``(H, W, 3)`` uint8 RGB array (a writable copy).
+
+    The format is detected from the content; ``uri`` only names the image in errors.
+    Multi-frame files (animated GIF/WebP/PNG, multi-page TIFF) give their first frame.
+
+    Pixel modes: L, LA, 1, P/PA (palette, transparency ignored), RGBA/RGBa/RGBX (alpha
+    dropped, not composited, like PIL's ``convert("RGB")`` in the paper's code), CMYK
+    (including Adobe's inverted JPEGs, as PIL reads them), YCbCr, LAB, HSV: through PIL's
+    ``convert("RGB")``. 16-bit grayscale (I;16*) and 32-bit integer (I, clipped to
+    0..65535 first) are scaled by ``>> 8`` so 0..65535 spans 0..255; PIL already reads 16-bit
+    RGB(A) PNGs by their high byte, which is the same rule. Float (F) images follow PIL:
+    clipped to 0..255. Gray results are replicated to three channels.
+
+    Args:
+        data: the file's bytes.
+        uri: where the bytes came from, for messages.
+        max_pixels: largest ``H * W`` accepted, checked on the declared size before any
+            pixel is decoded. PIL refuses images above ``2 * PIL.Image.MAX_IMAGE_PIXELS``
+            on its own (reported here as the same error) and warns above
+            ``PIL.Image.MAX_IMAGE_PIXELS``; that warning is left to the warning filters.
+        apply_exif_orientation: rotate/flip per the EXIF orientation tag (the paper's
+            loader does not; pass False where annotations refer to the stored pixel grid).
+        formats: PIL format names tried, see ``DEFAULT_FORMATS``.
+
+    Raises:
+        ImageDecodeError: empty, unrecognised, truncated or corrupt data, a declared size
+            above ``max_pixels``, or a pixel mode that cannot become RGB.
+        TypeError: ``data`` is not bytes-like (e.g. a path).
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(
+            f"decode_image takes the encoded bytes of {uri!r}, got {type(data).__name__}; "
+            "read the file first"
+        )
+    if len(data) == 0:
+        raise ImageDecodeError(uri, "the data is empty (0 bytes)", "check the source file")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+    allowed = _accepted(formats)
+    try:
+        with Image.open(io.BytesIO(data), formats=allowed) as img:
+            _check_size(img.size, max_pixels, uri)
+            _load(img, uri)
+            oriented = _oriented(img, uri) if apply_exif_orientation else img
+            return _to_rgb_array(oriented, uri)
+    except ImageDecodeError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError(
+            uri,
+            f"not a recognised image ({len(data)} bytes starting {bytes(data[:8])!r}); "
+            f"accepted formats: {', '.join(allowed)}",
+            "check that the file is an image; the file name's extension is not used",
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(
+            uri, f"PIL refused it as a possible decompression bomb ({exc})", _HINT_BOMB
+        ) from None
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error...)
+        raise ImageDecodeError(
+            uri, f"corrupt image data ({type(exc).__name__}: {exc})", _HINT_REENCODE
+        ) from exc
+
+
+def _check_size(size: tuple[int, int], max_pixels: int, uri: str) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise ImageDecodeError(uri, f"declared size {w} x {h} has no pixels", _HINT_REENCODE)
+    if w * h > max_pixels:
+        raise ImageDecodeError(
+            uri,
+            f"declared size {w} x {h} = {w * h} pixels exceeds max_pixels={max_pixels} "
+            "(possible decompression bomb; nothing was decoded)",
+            _HINT_BOMB,
+        )
+
+
+def _load(img: Image.Image, uri: str) -> None:
+    """Decode the pixels now, so truncation surfaces here rather than later."""
+    try:
+        img.load()
+    except OSError as exc:
+        if "truncated" in str(exc).lower():
+            raise ImageDecodeError(uri, f"the file is truncated ({exc})", _HINT_REENCODE) from exc
+        raise
+
+
+def _oriented(img: Image.Image, uri: str) -> Image.Image:
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+        if orientation in (2, 3, 4, 5, 6, 7, 8):
+            return ImageOps.exif_transpose(img)
+    except Exception as exc:
+        raise ImageDecodeError(
+            uri,
+            f"unreadable EXIF orientation ({type(exc).__name__}: {exc})",
+            "re-save the image without EXIF or decode with apply_exif_orientation=False",
+        ) from exc
+    return img
+
+
+def _to_rgb_array(img: Image.Image, uri: str) -> np.ndarray:
+    mode = img.mode
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        values = np.asarray(img)
+        if mode == "I":
+            values = np.clip(values, 0, 65535)
+        gray = (values.astype(np.uint32) >> 8).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "F":
+        img = img.convert("L")
+    try:
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageDecodeError(
+            uri, f"pixel mode {mode!r} cannot be converted to RGB ({exc})", _HINT_REENCODE
+        ) from exc
+    out = np.array(rgb, dtype=np.uint8)
+    if out.ndim != 3 or out.shape[2] != 3:
+        raise ImageDecodeError(uri, f"mode {mode!r} gave an array of shape {out.shape}")
+    return out
+
+
+# ----------------------------------------------------------------------------- resizing
+
+
+def _pil_resize(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    if img.dtype != np.uint8 or img.ndim not in (2, 3) or 0 in img.shape[:2]:
+        raise ValueError(
+            f"expected a non-empty (H, W[, C]) uint8 image, got {img.dtype} {img.shape}"
+        )
+    out = Image.fromarray(np.ascontiguousarray(img)).resize((hw[1], hw[0]), _BICUBIC)
+    return np.array(out)
+
+
+def resize_square(img: np.ndarray, size: int) -> np.ndarray:
+    """PIL-bicubic resize of an (H, W[, 3]) uint8 image to (size, size[, 3]).
+
+    The aspect ratio is not kept: the paper's default for SAM2 targets.
+    """
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    return _pil_resize(img, (size, size))
+
+
+def longest_side_hw(hw: tuple[int, int], size: int) -> tuple[int, int]:
+    """(h, w) of an image scaled so its longest side is ``size``, rounded half up, >= 1."""
+    h, w = hw
+    scale = size / max(h, w)
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+
+
+def resize_longest_side(img: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """PIL-bicubic resize keeping the aspect ratio, padded with zeros at bottom/right.
+
+    Returns:
+        ``(square, (h, w))``: the (size, size[, 3]) uint8 array and the (h, w) of the image
+        inside it, at its top-left corner (the SAM predictor's layout).
+    """
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    vh, vw = longest_side_hw((int(img.shape[0]), int(img.shape[1])), size)
+    resized = _pil_resize(img, (vh, vw))
+    square = np.zeros((size, size, *img.shape[2:]), dtype=np.uint8)
+    square[:vh, :vw] = resized
+    return square, (vh, vw)
+
+
+@dataclass(frozen=True)
+class ResizeInfo:
+    """How an original image was put into a ``size`` x ``size`` model input.
+
+    ``orig_hw``: the original (H, W). ``mode``: ``"square"`` (stretched, valid_hw ==
+    (size, size)) or ``"longest-side"`` (image at the top-left, zero padding elsewhere).
+    ``valid_hw``: the (h, w) of the image inside the input square.
+    """
+
+    orig_hw: tuple[int, int]
+    size: int
+    mode: ResizeMode
+    valid_hw: tuple[int, int]
+
+    def to_input_xy(self, xy: torch.Tensor) -> torch.Tensor:
+        """(..., 2) continuous (x, y) in original pixels -> input-square pixels."""
+        sx = self.valid_hw[1] / self.orig_hw[1]
+        sy = self.valid_hw[0] / self.orig_hw[0]
+        return xy * xy.new_tensor([sx, sy])
+
+    def to_original_xy(self, xy: torch.Tensor) -> torch.Tensor:
+        """(..., 2) continuous (x, y) in input-square pixels -> original pixels."""
+        sx = self.orig_hw[1] / self.valid_hw[1]
+        sy = self.orig_hw[0] / self.valid_hw[0]
+        return xy * xy.new_tensor([sx, sy])
+
+
+def resize_image(img: np.ndarray, size: int, mode: ResizeMode) -> tuple[np.ndarray, ResizeInfo]:
+    """Resize an (H, W, 3) uint8 image into the (size, size, 3) model input per ``mode``."""
+    orig = (int(img.shape[0]), int(img.shape[1]))
+    if mode == "square":
+        return resize_square(img, size), ResizeInfo(orig, size, mode, (size, size))
+    if mode == "longest-side":
+        square, valid = resize_longest_side(img, size)
+        return square, ResizeInfo(orig, size, mode, valid)
+    raise ValueError(f"resize mode must be 'square' or 'longest-side', got {mode!r}")
+
+
+def crop_valid(lowres: torch.Tensor, info: ResizeInfo) -> torch.Tensor:
+    """The part of a low-res map of the input square that covers the image.
+
+    Args:
+        lowres: (..., h, w) map of the whole ``size`` x ``size`` input (e.g. SAM's 256 x 256
+            mask logits).
+
+    Returns:
+        A view ``lowres[..., :ch, :cw]`` with ``ch = ceil(valid_h * h / size)`` (likewise
+        ``cw``): every low-res pixel that overlaps the image. When the valid edge falls
+        inside a low-res pixel, that pixel is kept whole, so upsampling the crop to the
+        original size stretches it by less than one low-res pixel; ``lowres_to_original``
+        maps exactly instead.
+    """
+    h, w = int(lowres.shape[-2]), int(lowres.shape[-1])
+    vh, vw = info.valid_hw
+    ch, cw = -(-vh * h // info.size), -(-vw * w // info.size)
+    return lowres[..., :ch, :cw]
+
+
+def lowres_to_original(lowres: torch.Tensor, info: ResizeInfo) -> torch.Tensor:
+    """Bilinear (align_corners=False) resampling of (N, h, w) input-square maps to the image.
+
+    ``"square"``: ``F.interpolate`` straight to the original size, as the paper's code does.
+    ``"longest-side"``: each original pixel centre is mapped to its exact position in the
+    low-res map: one interpolation, no size x size intermediate (SAM's predictor instead
+    upsamples to size x size, crops the valid part and resizes again). As with any bilinear
+    resampling, pixels at the valid edge blend in the neighbouring padded low-res pixel.
+
+    Returns:
+        (N, H, W) float32 at ``info.orig_hw``, on the input's device.
+    """
+    if lowres.ndim != 3:
+        raise ValueError(f"lowres must be (N, h, w), got shape {tuple(lowres.shape)}")
+    oh, ow = info.orig_hw
+    if lowres.shape[0] == 0:
+        return torch.zeros((0, oh, ow), dtype=torch.float32, device=lowres.device)
+    x = lowres[:, None].float()
+    if info.valid_hw == (info.size, info.size):
+        return F.interpolate(x, size=(oh, ow), mode="bilinear", align_corners=False)[:, 0]
+    vh, vw = info.valid_hw
+    dev = x.device
+    # normalised grid_sample coordinates (-1 = left edge of the map) of original pixel centres
+    gy = (torch.arange(oh, device=dev, dtype=torch.float64) + 0.5) * (2 * vh / (oh * info.size))
+    gx = (torch.arange(ow, device=dev, dtype=torch.float64) + 0.5) * (2 * vw / (ow * info.size))
+    grid = torch.stack(torch.meshgrid(gx - 1, gy - 1, indexing="xy"), dim=-1).float()
+    grid = grid[None].expand(x.shape[0], -1, -1, -1)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out[:, 0]
+
+
+# ----------------------------------------------------------------------------- crops, tensors
+
+
+def context_crop_box(
+    bbox_xywh: Sequence[float], image_hw: Sequence[int], scale: float = 1.2
+) -> tuple[int, int, int, int]:
+    """Square context crop around a reference box (method.md §1.2), clipped to the image.
+
+    Convention (the paper's code, reproduced exactly): the corners ``x0 = int(x)``,
+    ``x1 = int(x + w)`` (likewise y) are truncated toward zero first; the centre is
+    ``((x0 + x1) / 2, (y0 + y1) / 2)``; the side is ``max(x1 - x0, y1 - y0) * scale``; the
+    crop corners are ``int(centre -/+ side / 2)``, clipped to ``[0, W]`` and ``[0, H]``.
+
+    Returns:
+        ``(x0, y0, x1, y1)`` ints, end exclusive: ``image[y0:y1, x0:x1]``. Near a border
+        the crop is clipped, so it may be non-square.
+
+    Raises:
+        ValueError: a box with non-positive or non-finite size, or one whose crop is empty
+            (a sub-pixel box, or a box outside the image).
+    """
+    if len(bbox_xywh) != 4:
+        raise ValueError(f"bbox_xywh must have 4 numbers (x, y, w, h), got {bbox_xywh!r}")
+    bx, by, bw, bh = (float(v) for v in bbox_xywh)
+    img_h, img_w = int(image_hw[0]), int(image_hw[1])
+    if not all(math.isfinite(v) for v in (bx, by, bw, bh)) or bw <= 0 or bh <= 0:
+        raise ValueError(f"degenerate box {bbox_xywh!r}: width and height must be finite and > 0")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be finite and > 0, got {scale}")
+    if img_h < 1 or img_w < 1:
+        raise ValueError(f"image_hw must be positive, got {tuple(image_hw)}")
+    x0, y0, x1, y1 = int(bx), int(by), int(bx + bw), int(by + bh)
+    mid_x, mid_y = (x0 + x1) * 0.5, (y0 + y1) * 0.5
+    side = max(x1 - x0, y1 - y0) * scale
+    cx0 = max(0, int(mid_x - side * 0.5))
+    cy0 = max(0, int(mid_y - side * 0.5))
+    cx1 = min(img_w, int(mid_x + side * 0.5))
+    cy1 = min(img_h, int(mid_y + side * 0.5))
+    if cx1 <= cx0 or cy1 <= cy0:
+        raise ValueError(
+            f"box {bbox_xywh!r} gives an empty context crop {(cx0, cy0, cx1, cy1)} in an image "
+            f"of {img_h} x {img_w} (sub-pixel after truncation, or outside the image)"
+        )
+    return cx0, cy0, cx1, cy1
+
+
+def to_float_tensor(img: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) contiguous float32 in [0, 1] (values / 255)."""
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {img.dtype} {img.shape}")
+    chw = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+    return chw.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)

@@ -1,0 +1,214 @@
+"""The memory bank: instance prototypes per shot and class prototypes (method.md §1-§2).
+
+Stored as one safetensors file: a (K_c, D) tensor of instance prototypes per category
+(``shots/<category_id>``) and JSON metadata in the file's header (category ids and names,
+encoder, image size, checkpoint hash, the image and annotation id of every shot).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from refseg_core import ops
+from refseg_core.features import DinoEncoder
+from refseg_core.imaging import context_crop_box, to_float_tensor
+
+__all__ = ["MemoryBank", "ShotRecord", "TinyMaskError", "encode_shot"]
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+class TinyMaskError(ValueError):
+    """A reference mask too small to give a prototype at the encoder's patch resolution."""
+
+
+@dataclass(frozen=True)
+class ShotRecord:
+    """Where one shot came from."""
+
+    category_id: int
+    image_id: int
+    annotation_id: int
+    file_name: str = ""
+    mask_generated: bool = False
+
+
+@torch.inference_mode()
+def encode_shot(
+    encoder: DinoEncoder,
+    image: np.ndarray,
+    mask: np.ndarray,
+    bbox_xywh: tuple[float, float, float, float],
+    *,
+    context_scale: float = 1.2,
+    min_weight: float = 1e-3,
+) -> torch.Tensor:
+    """Instance prototype of one reference (method.md §1).
+
+    Args:
+        image: (H, W, 3) uint8 RGB. mask: (H, W) bool instance mask. bbox_xywh: its box.
+
+    Returns:
+        (D,) float32: the soft-mask-weighted mean of the crop's patch features.
+
+    Raises:
+        TinyMaskError: the mask weights sum to less than ``min_weight``.
+    """
+    x0, y0, x1, y1 = context_crop_box(bbox_xywh, image.shape[:2], context_scale)
+    s, g = encoder.image_size, encoder.grid
+    crop = to_float_tensor(image[y0:y1, x0:x1])[None]
+    crop = F.interpolate(crop, size=(s, s), mode="bicubic", align_corners=False)
+    m = torch.from_numpy(np.ascontiguousarray(mask[y0:y1, x0:x1])).float()[None, None]
+    m = F.interpolate(m, size=(s, s), mode="bilinear", align_corners=False)
+    weights = F.interpolate(m, size=(g, g), mode="nearest")[0, 0].to(encoder.device)
+    total = float(weights.sum())
+    if total < min_weight:
+        raise TinyMaskError(
+            f"reference mask too small: weights sum to {total:.2g} at {g}x{g} patches "
+            f"(box {bbox_xywh}); use a larger instance or a larger encoder image size"
+        )
+    feats = encoder(crop)[0]  # (g, g, D)
+    return (weights[..., None] * feats).sum(dim=(0, 1)) / total
+
+
+@dataclass
+class MemoryBank:
+    """Instance prototypes grouped by category, plus provenance.
+
+    Attributes:
+        shots: category id -> (K_c, D) float32 instance prototypes (raw, not normalised).
+        names: category id -> name.
+        records: category id -> one ShotRecord per row of ``shots``.
+        encoder: DINOv2 name the prototypes come from (e.g. ``vitl14``).
+        image_size: the DINOv2 input side used for the references.
+        meta: anything else worth keeping (preset, checkpoint hashes).
+    """
+
+    encoder: str
+    image_size: int
+    shots: dict[int, torch.Tensor] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)
+    records: dict[int, list[ShotRecord]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def category_ids(self) -> list[int]:
+        """Category ids in ascending order: the class index order used for matching."""
+        return sorted(self.shots)
+
+    @property
+    def dim(self) -> int:
+        return next(iter(self.shots.values())).shape[1] if self.shots else 0
+
+    def __len__(self) -> int:
+        return sum(int(v.shape[0]) for v in self.shots.values())
+
+    def add(self, record: ShotRecord, prototype: torch.Tensor, name: str) -> None:
+        """Append one shot; new categories are created, others keep their shots."""
+        cid = int(record.category_id)
+        proto = prototype.detach().float().cpu().reshape(1, -1)
+        if self.shots and proto.shape[1] != self.dim:
+            raise ValueError(f"prototype dim {proto.shape[1]} != bank dim {self.dim}")
+        if cid in self.names and self.names[cid] != name:
+            raise ValueError(
+                f"category {cid} is {self.names[cid]!r} in the bank but {name!r} in the "
+                "new references: fix the references' categories"
+            )
+        self.names[cid] = name
+        self.shots[cid] = torch.cat([self.shots.get(cid, proto[:0]), proto])
+        self.records.setdefault(cid, []).append(record)
+
+    def merge(self, other: MemoryBank) -> None:
+        """Add every shot of ``other`` (same encoder) without recomputing anything."""
+        self.check_encoder(other.encoder, other.image_size)
+        for cid in other.category_ids:
+            for rec, proto in zip(other.records[cid], other.shots[cid], strict=True):
+                self.add(rec, proto, other.names[cid])
+
+    def class_prototypes(self) -> torch.Tensor:
+        """(C, D) ``normalize(mean_k r_{c,k})`` in ``category_ids`` order (method.md §2)."""
+        if not self.shots:
+            raise ValueError("the memory bank is empty: build it from at least one reference")
+        return ops.normalize(torch.stack([self.shots[c].mean(dim=0) for c in self.category_ids]))
+
+    def check_encoder(self, encoder: str, image_size: int) -> None:
+        """Refuse a bank made with another encoder or image size."""
+        if (encoder, int(image_size)) != (self.encoder, int(self.image_size)):
+            raise ValueError(
+                f"memory bank was built with DINOv2 {self.encoder!r} at {self.image_size}px, "
+                f"but the matcher uses {encoder!r} at {image_size}px: rebuild the bank with "
+                "`refseg build-memory` and the same --dinov2-model/--preset as `refseg label`"
+            )
+
+    # ---- persistence -------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        header = {
+            "format": "refseg-memory-bank",
+            "version": FORMAT_VERSION,
+            "encoder": self.encoder,
+            "image_size": self.image_size,
+            "categories": [{"id": c, "name": self.names[c]} for c in self.category_ids],
+            "shots": [dataclasses.asdict(r) for c in self.category_ids for r in self.records[c]],
+            "meta": self.meta,
+        }
+        tensors = {f"shots/{c}": self.shots[c].contiguous() for c in self.category_ids}
+        return st_save(tensors, metadata={"refseg": json.dumps(header)})
+
+    def save(self, uri: str) -> None:
+        """Write the bank to a local path or fsspec URI."""
+        with fsspec.open(uri, "wb") as f:
+            f.write(self.to_bytes())
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, source: str = "<bytes>") -> MemoryBank:
+        try:
+            tensors = st_load(data)
+            n = int.from_bytes(data[:8], "little")
+            header = json.loads(json.loads(data[8 : 8 + n])["__metadata__"]["refseg"])
+        except Exception as exc:
+            raise ValueError(
+                f"{source} is not a refseg memory bank (safetensors with refseg metadata): "
+                f"{exc}; build one with `refseg build-memory`"
+            ) from exc
+        bank = cls(encoder=header["encoder"], image_size=int(header["image_size"]))
+        bank.meta = header.get("meta", {})
+        names = {int(c["id"]): c["name"] for c in header["categories"]}
+        recs: dict[int, list[ShotRecord]] = {}
+        for r in header["shots"]:
+            recs.setdefault(int(r["category_id"]), []).append(ShotRecord(**r))
+        for cid, name in names.items():
+            bank.shots[cid] = tensors[f"shots/{cid}"].float()
+            bank.names[cid] = name
+            bank.records[cid] = recs.get(cid, [])
+        return bank
+
+    @classmethod
+    def load(cls, uri: str) -> MemoryBank:
+        try:
+            with fsspec.open(uri, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"memory bank not found: {uri}; build one with `refseg build-memory`"
+            ) from None
+        return cls.from_bytes(data, source=uri)
+
+    def describe(self) -> Mapping[str, Any]:
+        return {
+            "encoder": self.encoder,
+            "image_size": self.image_size,
+            "categories": {self.names[c]: int(self.shots[c].shape[0]) for c in self.category_ids},
+        }

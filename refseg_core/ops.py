@@ -1,0 +1,207 @@
+"""Pure tensor functions of the method: grids, boxes, NMS, pooling, merging.
+
+No I/O, no device choice, no config reading: every function takes tensors and numbers and
+returns tensors on the device of its inputs. Shapes are stated in each docstring.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import batched_nms
+
+__all__ = [
+    "point_grid",
+    "masks_to_boxes",
+    "classwise_nms",
+    "bilinear_operator",
+    "pool_features",
+    "pool_features_naive",
+    "cosine_scores",
+    "upsample_masks",
+    "soft_merge_scores",
+    "normalize",
+]
+
+
+def point_grid(points_per_side: int, height: float, width: float | None = None) -> torch.Tensor:
+    """Grid of single-point prompts in input pixel coordinates, ordered x-major.
+
+    Coordinates are ``linspace(0, side - 1, n) + 0.5`` on each axis, as the paper's code
+    builds them; ``(x, y)`` pairs with x varying slowest: (0.5, 0.5), (0.5, 33.5), ...
+
+    Returns:
+        (n * n, 2) float32 tensor of (x, y).
+    """
+    width = height if width is None else width
+    xs = torch.linspace(0, width - 1, points_per_side) + 0.5
+    ys = torch.linspace(0, height - 1, points_per_side) + 0.5
+    gx, gy = torch.meshgrid(xs, ys, indexing="ij")
+    return torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1).float()
+
+
+def masks_to_boxes(masks: torch.Tensor, *, inclusive: bool = False) -> torch.Tensor:
+    """Tight boxes of binary masks.
+
+    Args:
+        masks: (N, H, W) bool.
+        inclusive: if True, (x2, y2) is the last foreground pixel (the paper's convention,
+            so a COCO width ``x2 - x1`` is one less than the mask's extent); otherwise
+            (x2, y2) is one past it, as pycocotools' box of the same mask.
+
+    Returns:
+        (N, 4) float32 XYXY; an empty mask gives (0, 0, 0, 0).
+    """
+    n = masks.shape[0]
+    if n == 0:
+        return torch.zeros((0, 4), dtype=torch.float32, device=masks.device)
+    rows = masks.any(dim=2)  # (N, H)
+    cols = masks.any(dim=1)  # (N, W)
+    h, w = masks.shape[1:]
+    ar_h = torch.arange(h, device=masks.device)
+    ar_w = torch.arange(w, device=masks.device)
+    big = max(h, w) + 1
+    y1 = torch.where(rows, ar_h, big).amin(dim=1)
+    y2 = torch.where(rows, ar_h, -1).amax(dim=1)
+    x1 = torch.where(cols, ar_w, big).amin(dim=1)
+    x2 = torch.where(cols, ar_w, -1).amax(dim=1)
+    boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
+    if not inclusive:
+        boxes[:, 2:] += 1
+    empty = ~rows.any(dim=1)
+    boxes[empty] = 0
+    return boxes
+
+
+def classwise_nms(
+    boxes: torch.Tensor,
+    ranking: torch.Tensor,
+    labels: torch.Tensor,
+    iou_threshold: float,
+    max_keep: int,
+) -> torch.Tensor:
+    """Class-wise NMS; returns kept indices sorted by decreasing ``ranking``.
+
+    Args:
+        boxes: (N, 4) XYXY. ranking: (N,) the key to rank by (the paper ranks by SAM's
+        predicted IoU, not by score). labels: (N,) int class index.
+    """
+    if boxes.shape[0] == 0:
+        return torch.zeros((0,), dtype=torch.long, device=boxes.device)
+    keep = batched_nms(boxes.float(), ranking.float(), labels, iou_threshold)
+    return keep[:max_keep]
+
+
+@functools.lru_cache(maxsize=64)
+def _operator_cpu(in_size: int, out_size: int) -> torch.Tensor:
+    eye = torch.eye(in_size, dtype=torch.float64).unsqueeze(1)  # (in, 1, in)
+    up = F.interpolate(eye, size=out_size, mode="linear", align_corners=False)  # (in, 1, out)
+    return up[:, 0, :].T.contiguous()  # (out, in)
+
+
+def bilinear_operator(in_size: int, out_size: int, *, device=None, dtype=torch.float32):
+    """Matrix ``U`` (out, in) with ``U @ x`` = 1-D linear upsampling of x as torch does it.
+
+    ``F.interpolate(mode="bilinear", align_corners=False)`` is separable, so a 2-D
+    upsampling of a map ``X`` (h, w) is ``Uy @ X @ Ux.T``.
+    """
+    return _operator_cpu(in_size, out_size).to(device=device, dtype=dtype)
+
+
+def pool_features(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean of bilinearly upsampled features inside each mask, at patch resolution.
+
+    Equal (up to float rounding) to upsampling ``features`` to the masks' size and
+    averaging inside each mask (``pool_features_naive``), without materialising the
+    (H, W, D) map: the mean is a weighted sum of patch features with weights
+    ``Uy.T @ M @ Ux`` (the transpose of the upsampling applied to the mask).
+
+    Args:
+        features: (h, w, D) patch features.
+        masks: (N, H, W) bool or float masks.
+
+    Returns:
+        (N, D) pooled features; an empty mask gives zeros.
+    """
+    h, w, d = features.shape
+    n, mh, mw = masks.shape
+    dtype = features.dtype
+    uy = bilinear_operator(h, mh, device=features.device, dtype=dtype)  # (H, h)
+    ux = bilinear_operator(w, mw, device=features.device, dtype=dtype)  # (W, w)
+    m = masks.to(dtype)
+    weights = uy.T @ m @ ux  # (N, h, w)
+    area = m.sum(dim=(1, 2)).clamp(min=1)
+    pooled = weights.reshape(n, h * w) @ features.reshape(h * w, d)
+    return pooled / area[:, None]
+
+
+def pool_features_naive(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The paper's form: upsample (h, w, D) to (H, W, D) bilinearly, average inside masks."""
+    _, mh, mw = masks.shape
+    up = F.interpolate(
+        features.permute(2, 0, 1)[None], size=(mh, mw), mode="bilinear", align_corners=False
+    )[0]  # (D, H, W)
+    m = masks.to(features.dtype)
+    area = m.sum(dim=(1, 2)).clamp(min=1)
+    return torch.einsum("nhw,dhw->nd", m, up) / area[:, None]
+
+
+def normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """L2-normalise the last dimension."""
+    return F.normalize(x, dim=-1, eps=eps)
+
+
+def cosine_scores(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """``max(0, cos)`` between (N, D) features and (C, D) prototypes: (N, C)."""
+    return (normalize(features) @ normalize(prototypes).T).clamp(min=0.0)
+
+
+def upsample_masks(logits: torch.Tensor, size: tuple[int, int], threshold: float = 0.0):
+    """Bilinear upsampling of (N, h, w) mask logits to ``size``; returns (N, H, W) bool."""
+    if logits.shape[0] == 0:
+        return torch.zeros((0, *size), dtype=torch.bool, device=logits.device)
+    up = F.interpolate(logits[:, None].float(), size=size, mode="bilinear", align_corners=False)
+    return up[:, 0] > threshold
+
+
+def soft_merge_scores(
+    masks: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    power: float = 0.5,
+) -> torch.Tensor:
+    """Semantic-aware soft merging (method.md §4.6), masks given in NMS order.
+
+    ``IoS_i = max_{j < i, same label} |M_i ∩ M_j| / |M_i| * clamp(cos(f_i, f_j), 0, 1)``
+    and ``score_i * (1 - IoS_i) ** power``. The cosine is clamped to [0, 1] so two identical
+    masks never give NaN.
+
+    Args:
+        masks: (N, H, W) bool, in the order the rule walks (NMS order).
+        features: (N, D) proposal features. labels: (N,) class index. scores: (N,).
+
+    Returns:
+        (N,) new scores.
+    """
+    out = scores.clone()
+    n = masks.shape[0]
+    if n < 2:
+        return out
+    flat = masks.reshape(n, -1)
+    fnorm = normalize(features.float())
+    for label in labels.unique():
+        idx = torch.nonzero(labels == label).flatten()
+        if idx.numel() < 2:
+            continue
+        m = flat[idx].to(torch.float32)
+        inter = m @ m.T  # (k, k) |M_i ∩ M_j|
+        area = m.sum(dim=1).clamp(min=1)
+        ios = inter / area[:, None]
+        sim = (fnorm[idx] @ fnorm[idx].T).clamp(0.0, 1.0)
+        earlier = torch.ones_like(ios, dtype=torch.bool).tril(diagonal=-1)  # j < i
+        val = torch.where(earlier, ios * sim, torch.zeros_like(ios)).amax(dim=1).clamp(0.0, 1.0)
+        out[idx] = scores[idx] * (1.0 - val) ** power
+    return out

@@ -1,0 +1,254 @@
+"""Class-agnostic mask proposals from SAM2 with a point-grid prompt (method.md §3).
+
+``Sam2Proposer`` receives a built SAM2 model (``refseg_core.models.build_sam2``) and calls
+the model's own image encoder, prompt encoder and mask decoder, as the paper's code does,
+so that it works at any image size the model was built for.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sam2.utils.transforms import SAM2Transforms
+
+from refseg_core import ops
+from refseg_core.config import MethodConfig
+
+__all__ = ["Proposals", "Sam2Proposer"]
+
+
+@dataclass(frozen=True)
+class Proposals:
+    """The surviving proposals of one image.
+
+    Attributes:
+        logits: (N, h, w) float32 low-resolution mask logits (h = w = input_size / 4),
+            in the padded/resized input frame; foreground where > 0.
+        iou: (N,) float32 SAM's predicted IoU of each mask.
+        points: (N, 2) float32 prompt (x, y) in input pixels.
+        input_size: side of the square SAM2 input (1024 in the paper).
+        valid_hw: (h, w) of the image inside the input square (== input size for 'square').
+        orig_hw: (H, W) of the original image.
+    """
+
+    logits: torch.Tensor
+    iou: torch.Tensor
+    points: torch.Tensor
+    input_size: int
+    valid_hw: tuple[int, int]
+    orig_hw: tuple[int, int]
+
+    def __len__(self) -> int:
+        return int(self.iou.shape[0])
+
+    def to(self, device: torch.device | str) -> Proposals:
+        return Proposals(
+            self.logits.to(device),
+            self.iou.to(device),
+            self.points.to(device),
+            self.input_size,
+            self.valid_hw,
+            self.orig_hw,
+        )
+
+    def to_bytes(self) -> bytes:
+        """Compact, exact transport form (npz, no pickle).
+
+        Masks are stored as bit-packed signs plus the float32 logits of *boundary* pixels
+        only (a pixel whose 3x3 neighbourhood has both signs). Bilinear upsampling of the
+        decoded logits thresholded at 0 equals that of the dense logits, since every 2x2
+        cell with mixed signs is made of boundary pixels; interior pixels get ±1e4.
+        """
+        logits = self.logits.detach().float().cpu()
+        fg = logits > 0
+        n, h, w = fg.shape
+        if n:
+            f = fg[:, None].float()
+            hi = F.max_pool2d(f, 3, stride=1, padding=1)
+            lo = -F.max_pool2d(-f, 3, stride=1, padding=1)
+            boundary = (hi != lo)[:, 0]
+        else:
+            boundary = torch.zeros((0, h, w), dtype=torch.bool)
+        flat_idx = torch.nonzero(boundary.reshape(-1)).flatten()
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            signs=np.packbits(fg.numpy().reshape(n, -1), axis=1),
+            boundary_index=flat_idx.numpy().astype(np.int32),
+            boundary_value=logits.reshape(-1)[flat_idx].numpy(),
+            iou=self.iou.detach().float().cpu().numpy(),
+            points=self.points.detach().float().cpu().numpy(),
+            shape=np.array([n, h, w], dtype=np.int64),
+            sizes=np.array([self.input_size, *self.valid_hw, *self.orig_hw], dtype=np.int64),
+        )
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Proposals:
+        z = np.load(io.BytesIO(data), allow_pickle=False)
+        n, h, w = (int(v) for v in z["shape"])
+        signs = np.unpackbits(z["signs"], axis=1, count=h * w).astype(bool) if n else None
+        dense = np.full((n, h * w), -1e4, dtype=np.float32)
+        if n:
+            dense[signs] = 1e4
+        dense = dense.reshape(-1)
+        dense[z["boundary_index"]] = z["boundary_value"]
+        size, vh, vw, oh, ow = (int(v) for v in z["sizes"])
+        return cls(
+            torch.from_numpy(dense.reshape(n, h, w)),
+            torch.from_numpy(z["iou"]),
+            torch.from_numpy(z["points"]),
+            size,
+            (vh, vw),
+            (oh, ow),
+        )
+
+
+class Sam2Proposer:
+    """Point-grid proposals with SAM2 (method.md §3).
+
+    Args:
+        model: a built ``SAM2Base`` (eval mode) on its device.
+        method: grid size, prompt batch, IoU filter, ``add_no_mem_embed``.
+    """
+
+    def __init__(self, model: torch.nn.Module, method: MethodConfig) -> None:
+        self.model = model
+        self.method = method
+        self.input_size = int(model.image_size)
+        t = SAM2Transforms(resolution=self.input_size, mask_threshold=0.0)
+        self.device = next(model.parameters()).device
+        self._mean = torch.tensor(t.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(t.std, device=self.device).view(1, 3, 1, 1)
+
+    def _autocast(self):
+        return torch.autocast(
+            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.method.autocast_bf16
+        )
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Image encoder once per image.
+
+        Args:
+            images: (B, 3, S, S) float in [0, 1], S = the model's input size.
+
+        Returns:
+            image embeddings (B, C, S/16, S/16) and the high-resolution feature levels.
+        """
+        x = (images.to(self.device, torch.float32) - self._mean) / self._std
+        with self._autocast():
+            backbone_out = self.model.forward_image(x)
+            _, vision_feats, _, feat_sizes = self.model._prepare_backbone_features(backbone_out)
+        if self.method.add_no_mem_embed:
+            vision_feats[-1] = vision_feats[-1] + self.model.no_mem_embed
+        b = x.shape[0]
+        feats = [
+            f.permute(1, 2, 0).reshape(b, -1, *size)
+            for f, size in zip(vision_feats[::-1], feat_sizes[::-1], strict=True)
+        ][::-1]
+        return feats[-1], feats[:-1]
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        image_embed: torch.Tensor,
+        high_res: list[torch.Tensor],
+        coords: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        multimask: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask decoder for P prompts on one image.
+
+        Args:
+            image_embed: (1, C, h, w); high_res: levels of shape (1, C_l, h_l, w_l).
+            coords: (P, K, 2) input-pixel (x, y); labels: (P, K) int (1 positive,
+                2/3 box corners).
+
+        Returns:
+            low-res logits (P, M, S/4, S/4) and predicted IoU (P, M), M = 3 or 1.
+        """
+        with self._autocast():
+            sparse, dense = self.model.sam_prompt_encoder(
+                points=(coords.to(self.device), labels.to(self.device)), boxes=None, masks=None
+            )
+            low_res, iou, _, _ = self.model.sam_mask_decoder(
+                image_embeddings=image_embed,
+                image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+                repeat_image=True,
+                high_res_features=high_res,
+            )
+        return low_res.float(), iou.float()
+
+    def grid(self, valid_hw: tuple[int, int]) -> torch.Tensor:
+        """The (P, 2) point grid over the valid part of the input square."""
+        return ops.point_grid(self.method.points_per_side, valid_hw[0], valid_hw[1])
+
+    @torch.inference_mode()
+    def propose(
+        self,
+        images: torch.Tensor,
+        valid_hw: list[tuple[int, int]],
+        orig_hw: list[tuple[int, int]],
+    ) -> list[Proposals]:
+        """Proposals for a batch of resized images.
+
+        Args:
+            images: (B, 3, S, S) float in [0, 1] (see ``refseg_core.imaging``).
+            valid_hw: per image, the (h, w) of the image inside the square.
+            orig_hw: per image, the original (H, W).
+        """
+        image_embed, high_res = self.encode(images)
+        out = []
+        for i in range(images.shape[0]):
+            points = self.grid(valid_hw[i]).to(self.device)
+            emb = image_embed[i : i + 1]
+            hr = [f[i : i + 1] for f in high_res]
+            keep_logits, keep_iou, keep_pts = [], [], []
+            # every prompt is decoded, including a last partial batch
+            for start in range(0, points.shape[0], self.method.prompt_batch):
+                pts = points[start : start + self.method.prompt_batch]
+                labels = torch.ones(pts.shape[0], 1, dtype=torch.int, device=self.device)
+                logits, iou = self.decode(emb, hr, pts[:, None, :], labels)
+                best = iou.argmax(dim=1)
+                ar = torch.arange(pts.shape[0], device=self.device)
+                logits, iou = logits[ar, best], iou[ar, best]
+                ok = iou > self.method.iou_threshold
+                keep_logits.append(logits[ok])
+                keep_iou.append(iou[ok])
+                keep_pts.append(pts[ok])
+            out.append(
+                Proposals(
+                    torch.cat(keep_logits),
+                    torch.cat(keep_iou),
+                    torch.cat(keep_pts),
+                    self.input_size,
+                    tuple(valid_hw[i]),
+                    tuple(orig_hw[i]),
+                )
+            )
+        return out
+
+    @torch.inference_mode()
+    def segment_boxes(self, image: torch.Tensor, boxes_xyxy: torch.Tensor) -> torch.Tensor:
+        """Single-mask output for box prompts (method.md §6, box-only references).
+
+        Args:
+            image: (3, S, S) float in [0, 1]; boxes_xyxy: (K, 4) in input pixels.
+
+        Returns:
+            (K, S/4, S/4) low-res logits.
+        """
+        emb, hr = self.encode(image[None])
+        coords = boxes_xyxy.reshape(-1, 2, 2).float()
+        labels = torch.tensor([[2, 3]], dtype=torch.int).repeat(coords.shape[0], 1)
+        logits, _ = self.decode(emb, hr, coords.to(self.device), labels, multimask=False)
+        return logits[:, 0]

@@ -1,0 +1,110 @@
+"""COCO run-length encoding (RLE) of binary masks: pure functions around ``pycocotools.mask``.
+
+Conventions: a mask is an ``(H, W)`` bool array, a stack is ``(N, H, W)`` bool. A COCO RLE
+is ``{"size": [H, W], "counts": str}`` (compressed counts as a UTF-8 string, so that it
+serialises to JSON and Arrow as is). Inputs also accept ``counts`` as ``bytes`` (what
+pycocotools returns) or as a list of ints (COCO's "uncompressed RLE", used for crowd
+annotations). Boxes are COCO ``xywh`` in pixels, float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+Rle = dict[str, Any]
+
+
+def _compressed(rle: Mapping[str, Any]) -> Rle:
+    """Return ``rle`` as compressed RLE with ``bytes`` counts (pycocotools' own form)."""
+    if "size" not in rle or "counts" not in rle:
+        raise ValueError(f"an RLE needs 'size' and 'counts' keys, got keys {sorted(rle)}")
+    h, w = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        return {"size": [h, w], "counts": counts.encode("utf-8")}
+    if isinstance(counts, bytes):
+        return {"size": [h, w], "counts": counts}
+    if isinstance(counts, (Sequence, np.ndarray)):
+        # Uncompressed RLE: frPyObjects compresses it (it sums to H*W or pycocotools fails).
+        total = int(sum(int(c) for c in counts))
+        if total != h * w:
+            raise ValueError(f"uncompressed RLE counts sum to {total}, expected H*W = {h * w}")
+        out = mask_utils.frPyObjects({"size": [h, w], "counts": list(counts)}, h, w)
+        return {"size": [h, w], "counts": out["counts"]}
+    raise TypeError(f"RLE counts must be str, bytes or a list of ints, got {type(counts)!r}")
+
+
+def _as_str(rle: Mapping[str, Any]) -> Rle:
+    counts = rle["counts"]
+    if isinstance(counts, bytes):
+        counts = counts.decode("utf-8")
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
+
+
+def encode_masks(masks: np.ndarray) -> list[Rle]:
+    """Encode ``masks`` ``(N, H, W)`` bool into N COCO RLEs with ``str`` counts."""
+    masks = np.asarray(masks)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be (N, H, W), got shape {masks.shape}")
+    if masks.dtype != np.bool_:
+        raise TypeError(f"masks must be bool, got {masks.dtype}")
+    if masks.shape[0] == 0:
+        return []
+    fortran = np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8))
+    return [_as_str(r) for r in mask_utils.encode(fortran)]
+
+
+def decode_rle(rle: Mapping[str, Any]) -> np.ndarray:
+    """Decode one RLE (compressed str/bytes counts or uncompressed list) to ``(H, W)`` bool."""
+    return mask_utils.decode(_compressed(rle)).astype(bool)
+
+
+def rle_area(rles: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """Foreground pixel count of each RLE: ``(N,)`` float64."""
+    if len(rles) == 0:
+        return np.zeros((0,), dtype=np.float64)
+    return np.asarray(mask_utils.area([_compressed(r) for r in rles]), dtype=np.float64)
+
+
+def rle_to_bbox(rles: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """Tight COCO box of each RLE: ``(N, 4)`` float64 ``xywh`` (w = extent in pixels)."""
+    if len(rles) == 0:
+        return np.zeros((0, 4), dtype=np.float64)
+    boxes = mask_utils.toBbox([_compressed(r) for r in rles])
+    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+
+
+def polygons_to_rle(polys: Sequence[Sequence[float]], h: int, w: int) -> Rle:
+    """Rasterise COCO polygons ``[[x0, y0, x1, y1, ...], ...]`` (one object) to one RLE."""
+    polys = [list(map(float, p)) for p in polys]
+    if not polys:
+        raise ValueError("polygon segmentation is empty")
+    for p in polys:
+        if len(p) < 6 or len(p) % 2:
+            raise ValueError(f"a polygon needs >= 3 (x, y) pairs, got {len(p)} numbers")
+    parts = mask_utils.frPyObjects(polys, int(h), int(w))
+    return _as_str(mask_utils.merge(parts))
+
+
+def annotation_to_rle(ann: Mapping[str, Any], h: int, w: int) -> Rle:
+    """The segmentation of a COCO annotation (polygons, RLE or uncompressed RLE) as one RLE.
+
+    ``h, w`` is the image size; an RLE whose size differs raises ``ValueError``.
+    """
+    seg = ann.get("segmentation")
+    if seg is None or (isinstance(seg, list) and not seg):
+        raise ValueError(f"annotation {ann.get('id')} has no segmentation")
+    if isinstance(seg, list):
+        return polygons_to_rle(seg, h, w)
+    if isinstance(seg, Mapping):
+        rle = _compressed(seg)
+        if rle["size"] != [int(h), int(w)]:
+            raise ValueError(
+                f"annotation {ann.get('id')}: RLE size {rle['size']} != image size {[h, w]}"
+            )
+        return _as_str(rle)
+    raise TypeError(f"annotation {ann.get('id')}: unsupported segmentation {type(seg)!r}")
