@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import heapq
 import html
 import io
 import json
@@ -28,6 +27,8 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from PIL import Image, ImageDraw, ImageFont
 
@@ -158,9 +159,16 @@ class ImageSummary:
     errors: list[ImageRow] = field(default_factory=list)
 
 
-def _sample_key(row: ImageRow) -> tuple[int, int]:
-    """Sort key of the sample: images with instances first, then ok ones, then errors."""
-    rank = 0 if row.status == "ok" and (row.n_instances or 0) > 0 else 1
+def _smallest(batch: Any, keys: Sequence[np.ndarray], k: int, where: np.ndarray) -> list[ImageRow]:
+    """The ``k`` rows of ``batch`` where ``where`` holds, smallest by ``keys`` (last primary)."""
+    idx = np.nonzero(where)[0]
+    idx = idx[np.lexsort([key[idx] for key in keys])][:k]
+    return [ImageRow(**r) for r in batch.take(pa.array(idx, pa.int64())).to_pylist()]
+
+
+def _sample_order(row: ImageRow) -> tuple[int, int]:
+    """Images with instances first, then ok ones without, then errors; by id within."""
+    rank = 0 if (row.n_instances or 0) > 0 else 1
     return (rank if row.status == "ok" else 2, row.image_id)
 
 
@@ -171,33 +179,38 @@ def summarise_images(
 
     Without an images table the sample is the lowest image ids found in the instances.
     """
-    summary = ImageSummary()
-    sample: list[tuple[tuple[int, int], ImageRow]] = []
+    summary, sample = ImageSummary(), []
     if images is None:
-        ids: set[int] = set()
         for batch in _batches(instances, ["image_id", "image_uri"]):
-            for iid, uri in zip(*(batch.column(i).to_pylist() for i in range(2)), strict=True):
-                if iid not in ids and len(ids) < 10 * max_images + 1000:
-                    ids.add(iid)
-                    sample.append(((0, iid), ImageRow(iid, uri or "", n_instances=1)))
-            sample = heapq.nsmallest(max_images, sample, key=lambda t: t[0])
-            ids = {r.image_id for _, r in sample}
-        summary.sample = [r for _, r in sample]
+            ids = batch.column("image_id").to_numpy(zero_copy_only=False)
+            _, first = np.unique(ids, return_index=True)
+            rows = _smallest(batch, [ids[first]], max_images, np.ones(len(first), bool))
+            known = {r.image_id for r in sample}
+            sample = sorted(sample + [r for r in rows if r.image_id not in known],
+                            key=lambda r: r.image_id)[:max_images]  # fmt: skip
+        summary.sample = sample
         return summary
     summary.n_images = summary.n_ok = summary.n_errors = 0
     columns = ["image_id", "image_uri", "width", "height", "status", "error", "n_instances"]
     for batch in _batches(images, columns):
-        rows = [ImageRow(**r) for r in batch.to_pylist()]
-        summary.n_images += len(rows)
-        ok = sum(1 for r in rows if r.status == "ok")
-        summary.n_ok += ok
-        summary.n_errors += len(rows) - ok
-        bad = [r for r in rows if r.status != "ok"]
-        summary.errors = heapq.nsmallest(MAX_ERRORS, summary.errors + bad, key=lambda r: r.image_id)
-        sample = heapq.nsmallest(
-            max_images, sample + [(_sample_key(r), r) for r in rows], key=lambda t: t[0]
-        )
-    summary.sample = [r for _, r in sample]
+        ids = batch.column("image_id").to_numpy(zero_copy_only=False)
+        names = batch.schema.names
+        ok = np.ones(len(ids), bool)
+        if "status" in names:
+            ok = pc.fill_null(pc.equal(batch.column("status"), "ok"), False)
+            ok = ok.to_numpy(zero_copy_only=False)
+        n = np.ones(len(ids), np.int64)
+        if "n_instances" in names:
+            n = pc.fill_null(batch.column("n_instances"), 0).to_numpy(zero_copy_only=False)
+        rank = np.where(ok, np.where(n > 0, 0, 1), 2)
+        summary.n_images += len(ids)
+        summary.n_ok += int(ok.sum())
+        summary.n_errors += int((~ok).sum())
+        bad = _smallest(batch, [ids], MAX_ERRORS, ~ok)
+        summary.errors = sorted(summary.errors + bad, key=lambda r: r.image_id)[:MAX_ERRORS]
+        rows = _smallest(batch, [ids, rank], max_images, np.ones(len(ids), bool))
+        sample = sorted(sample + rows, key=_sample_order)[:max_images]
+    summary.sample = sample
     return summary
 
 
@@ -209,7 +222,7 @@ def sampled_instances(
     if instances is None or not image_ids:
         return out
     cols = ["image_id", "category_id", "category_name", "score", "bbox", "segmentation"]
-    filt = ds.field("image_id").isin(list(image_ids)) & (ds.field("score") >= 0)
+    filt = ds.field("image_id").isin(list(image_ids)) & (ds.field("score") >= score_threshold)
     for batch in _batches(instances, cols, filter=filt):
         for row in batch.to_pylist():
             out[int(row["image_id"])].append(row)
@@ -356,7 +369,9 @@ def _panel(title: str, img: np.ndarray) -> str:
     )
 
 
-def _gt_shapes(anns: Sequence[Mapping[str, Any]], img: Mapping[str, Any], names: Mapping[int, str]):
+def _gt_shapes(
+    anns: Sequence[Mapping[str, Any]], img: Mapping[str, Any], names: Mapping[int, str]
+) -> list[Shape]:
     shapes = []
     for a in anns:
         cid = int(a["category_id"])
@@ -378,28 +393,12 @@ class TileInput:
     gt: tuple[list[dict[str, Any]], dict[str, Any] | None, dict[int, str]] | None = None
 
 
-def render_tile(t: TileInput) -> tuple[str, int]:
-    """HTML of one image tile and the number of ``<img>`` elements in it."""
-    row, insts = t.row, t.instances
-    caption = (
-        f'<figcaption><b>#{row.image_id}</b> <span class="uri">{_esc(row.image_uri)}</span>'
-        f" · {len(insts)} shown"
-        + (f" (top {t.n_shown_max})" if len(insts) > t.n_shown_max else "")
-        + "</figcaption>"
-    )
-    if row.status != "ok":
-        body = _placeholder("error", row.error or row.status)
-        return f'<figure class="tile">{body}{caption}</figure>', 0
-    try:
-        full = read_image(row.image_uri)
-    except Exception as exc:  # any I/O or decoding failure becomes a placeholder
-        body = _placeholder("image unreadable", f"{type(exc).__name__}: {exc}")
-        return f'<figure class="tile">{body}{caption}</figure>', 0
+def _tile_panels(t: TileInput, full: np.ndarray) -> list[str]:
     thumb, scale = _thumb(full, THUMB_SIDE)
     shapes = [
         Shape(r["segmentation"], r["bbox"], int(r["category_id"]),
               f"{r['category_name'] or r['category_id']} {r['score']:.2f}")
-        for r in insts[: t.n_shown_max][::-1]  # best drawn last, on top
+        for r in t.instances[: t.n_shown_max][::-1]  # best drawn last, on top
     ]  # fmt: skip
     panels = [_panel("prediction", draw_overlay(thumb, shapes, scale))]
     if t.gt is not None:
@@ -410,15 +409,32 @@ def render_tile(t: TileInput) -> tuple[str, int]:
             gt_scale = thumb.shape[0] / int(gt_img["height"])
             gt_draw = draw_overlay(thumb, _gt_shapes(anns, gt_img, names), gt_scale)
             panels.append(_panel(f"ground truth ({len(anns)})", gt_draw))
-    n_img = sum(p.startswith('<div class="panel">') for p in panels)
-    return (
-        f'<figure class="tile"><div class="pair">{"".join(panels)}</div>{caption}</figure>',
-        n_img,
+    return panels
+
+
+def render_tile(t: TileInput) -> str:
+    """HTML of one image tile: prediction (and ground-truth) overlays, or a placeholder."""
+    row, n = t.row, len(t.instances)
+    more = f" (top {t.n_shown_max})" if n > t.n_shown_max else ""
+    caption = (
+        f'<figcaption><b>#{row.image_id}</b> <span class="uri">{_esc(row.image_uri)}</span>'
+        f" · {n} shown{more}</figcaption>"
     )
+    if row.status != "ok":
+        body = _placeholder("error", row.error or row.status)
+    else:
+        stage = "image unreadable"
+        try:
+            full = read_image(row.image_uri)
+            stage = "cannot draw the overlay"
+            body = f'<div class="pair">{"".join(_tile_panels(t, full))}</div>'
+        except Exception as exc:  # any I/O, decoding or malformed-mask failure
+            body = _placeholder(stage, f"{type(exc).__name__}: {exc}")
+    return f'<figure class="tile">{body}{caption}</figure>'
 
 
-def render_reference(ref: Mapping[str, Any]) -> tuple[str, int]:
-    """HTML of one reference crop (its mask filled) and its ``<img>`` count (0 or 1)."""
+def render_reference(ref: Mapping[str, Any]) -> str:
+    """HTML of one reference crop with its mask (or box) drawn, or a placeholder."""
     cid = int(ref.get("category_id", -1))
     name = ref.get("category_name") or f"class {cid}"
     badge = ' <span class="gen">generated</span>' if ref.get("mask_generated") else ""
@@ -442,9 +458,9 @@ def render_reference(ref: Mapping[str, Any]) -> tuple[str, int]:
         img = draw_overlay(thumb, [shape], scale)
     except Exception as exc:  # unreadable image or malformed reference
         body = _placeholder("reference unreadable", f"{type(exc).__name__}: {exc}")
-        return f'<figure class="ref">{body}{caption}</figure>', 0
+        return f'<figure class="ref">{body}{caption}</figure>'
     alt = _esc(f"reference {name}")
-    return f'<figure class="ref"><img src="{to_data_uri(img)}" alt="{alt}">{caption}</figure>', 1
+    return f'<figure class="ref"><img src="{to_data_uri(img)}" alt="{alt}">{caption}</figure>'
 
 
 def histogram_svg(hist: np.ndarray, colour: tuple[int, int, int], threshold: float) -> str:
@@ -483,6 +499,7 @@ vertical-align:middle}.sw{display:inline-block;width:12px;height:12px;border-rad
 figure{margin:0;border:1px solid #ddd;border-radius:6px;padding:6px;max-width:1040px}
 .pair{display:flex;gap:6px;flex-wrap:wrap}.panel img{display:block;max-width:100%}
 .pt{font-size:12px;color:#555}.ref img{display:block}
+figcaption{width:0;min-width:100%}.panel img{min-width:240px}
 .ph{width:300px;min-height:120px;background:#f6eeee;border:1px dashed #c99;padding:8px;
 box-sizing:border-box}.ph pre,td pre{white-space:pre-wrap;word-break:break-word;margin:4px 0;
 font-size:12px}.gen{background:#fd5;border-radius:3px;padding:0 4px;font-size:11px}
@@ -531,9 +548,9 @@ def _errors_table(summary: ImageSummary) -> str:
     return f"<table><tr><th>image id</th><th>image_uri</th><th>error</th></tr>{rows}</table>{note}"
 
 
-def _references(refs: Sequence[Mapping[str, Any]]) -> tuple[str, int]:
+def _references(refs: Sequence[Mapping[str, Any]]) -> str:
     if not refs:
-        return "<p>No reference information in run.json.</p>", 0
+        return "<p>No reference information in run.json.</p>"
     by_class: dict[int, list[Mapping[str, Any]]] = {}
     for r in refs:
         by_class.setdefault(int(r.get("category_id", -1)), []).append(r)
@@ -541,9 +558,7 @@ def _references(refs: Sequence[Mapping[str, Any]]) -> tuple[str, int]:
     with ThreadPoolExecutor(_THREADS) as pool:
         parts = list(pool.map(render_reference, chosen))
     note = f"<p class=muted>{len(chosen)} of {len(refs)} references shown.</p>"
-    return note + f'<div class="grid">{"".join(p for p, _ in parts)}</div>', sum(
-        n for _, n in parts
-    )
+    return note + f'<div class="grid">{"".join(parts)}</div>'
 
 
 def _run_json_text(run: Mapping[str, Any]) -> str:
@@ -643,8 +658,8 @@ def write_report(
             gt_in = (gt_parts[0][r.image_id], gt_parts[2].get(r.image_id), gt_parts[1])
         jobs.append(TileInput(r, insts[r.image_id], MAX_INSTANCES_PER_TILE, gt_in))
     with ThreadPoolExecutor(_THREADS) as pool:
-        tiles = [html_ for html_, _ in pool.map(render_tile, jobs)]
-    refs_html, _ = _references(run.get("references") or [])
+        tiles = list(pool.map(render_tile, jobs))
+    refs_html = _references(run.get("references") or [])
     page = build_page(
         out,
         stats=stats,

@@ -17,8 +17,9 @@ from refseg_core.config import MethodConfig, ModelConfig
 
 __all__ = ["build_graph"]
 
-# Actors survive lost workers: restarted without limit, their batches retried.
-_FAULT_TOLERANT = {"max_restarts": -1, "max_task_retries": -1}
+# Fault tolerance: Ray Data's actor pools default to max_restarts=-1 and
+# max_task_retries=-1 (a lost actor is restarted and its batch retried); tasks are retried
+# by Ray as usual. Passing them again is deprecated in Ray 2.60, so they are not repeated.
 
 
 def build_graph(
@@ -54,7 +55,6 @@ def build_graph(
         batch_size=settings.proposal_batch_size,
         num_gpus=resources.gpus_per_proposal_actor,
         num_cpus=resources.cpus_per_actor,
-        **_FAULT_TOLERANT,
     )
     ds = ds.map_batches(
         MatchStage,
@@ -69,7 +69,6 @@ def build_graph(
         batch_size=settings.match_batch_size,
         num_gpus=resources.gpus_per_match_actor,
         num_cpus=resources.cpus_per_actor,
-        **_FAULT_TOLERANT,
     )
     return ds.map_batches(
         write_parts,

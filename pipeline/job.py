@@ -196,7 +196,11 @@ def run_label(job: LabelJob) -> LabelSummary:
         "versions": package_versions(),
         "checkpoints": _checkpoint_hashes(job.model),
         "memory_bank": {"sha256": bank_sha, **bank.describe(), "meta": bank.meta},
-        "references": [dataclasses.asdict(r) for c in bank.category_ids for r in bank.records[c]],
+        "references": [
+            {**dataclasses.asdict(r), "category_name": bank.names[c], "image_uri": r.file_name}
+            for c in bank.category_ids
+            for r in bank.records[c]
+        ],
         "counts": {"this_run": counts, "total": totals, "skipped_done": len(done)},
         "timings": {
             "seconds": seconds,

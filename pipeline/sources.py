@@ -128,7 +128,7 @@ def read_source(src: ImageSource, *, done: np.ndarray, fetch_cpus: float) -> ray
                 partition_filter=_SkipDone(loc, done),  # type: ignore[arg-type]
             )
         except ValueError as exc:
-            if "partition_filter" in str(exc) and len(done):
+            if len(done) and ("partition_filter" in str(exc) or "file_extensions" in str(exc)):
                 raise NothingToDo(f"all images under {src.images} already have output") from exc
             raise ValueError(f"--images {src.images}: {exc}") from exc
         return ds.map_batches(_with_ids, fn_kwargs={"loc": loc}, num_cpus=fetch_cpus)

@@ -153,7 +153,8 @@ def _resolve_official(ckpt: OfficialCheckpoint) -> ResolvedCheckpoint:
         )
     digest = sha256_file(path)
     sidecar = _sidecar(path)
-    expected = ckpt.sha256 or (sidecar.read_text().split()[0] if sidecar.is_file() else None)
+    recorded = sidecar.read_text().split()[:1] if sidecar.is_file() else []
+    expected = ckpt.sha256 or (recorded[0] if recorded else None)
     if expected is not None:
         verify_sha256(path, expected, actual=digest)
     return ResolvedCheckpoint(path=path, uri=ckpt.url, sha256=digest)
@@ -250,7 +251,7 @@ def download(name: str, *, progress: bool = True) -> Path:
     dest = cache_dir() / ckpt.filename
     if dest.is_file():
         return _resolve_official(ckpt).path
-    with urllib.request.urlopen(ckpt.url) as response:  # noqa: S310 - fixed https URLs
+    with urllib.request.urlopen(ckpt.url) as response:
         length = response.headers.get("Content-Length")
         digest = _atomic_copy(
             response, dest, total=int(length) if length else None, progress=progress

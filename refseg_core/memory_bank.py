@@ -44,6 +44,8 @@ class ShotRecord:
     annotation_id: int
     file_name: str = ""
     mask_generated: bool = False
+    bbox: tuple[float, ...] = ()  # COCO xywh of the shot
+    segmentation: dict[str, Any] | None = None  # COCO RLE of the shot's mask
 
 
 @torch.inference_mode()
@@ -188,6 +190,7 @@ class MemoryBank:
         names = {int(c["id"]): c["name"] for c in header["categories"]}
         recs: dict[int, list[ShotRecord]] = {}
         for r in header["shots"]:
+            r["bbox"] = tuple(r.get("bbox", ()))
             recs.setdefault(int(r["category_id"]), []).append(ShotRecord(**r))
         for cid, name in names.items():
             bank.shots[cid] = tensors[f"shots/{cid}"].float()

@@ -186,7 +186,7 @@ def build_sam2(
 
 
 def _dinov2_timm_name(name: str) -> tuple[str, str]:
-    """``(canonical name, timm model name)``: ``"vitl14_reg"`` -> ``vit_large_patch14_reg4_dinov2``."""
+    """``(canonical name, timm name)``, e.g. ``vitl14_reg`` -> ``vit_large_patch14_reg4_dinov2``."""
     match = re.fullmatch(r"vit([sblg])14(_reg4?)?", name)
     if match is None:
         raise ValueError(f"unknown DINOv2 model {name!r}; choose one of {list(DINOV2_MODELS)}")

@@ -41,7 +41,9 @@ def _reference_vits14(seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def _reference_tokens(ref: torch.nn.Module, x: torch.Tensor, reg: torch.Tensor | None) -> torch.Tensor:
+def _reference_tokens(
+    ref: torch.nn.Module, x: torch.Tensor, reg: torch.Tensor | None
+) -> torch.Tensor:
     """(B, N, D) normed patch tokens of the reference; ``reg`` (1, 4, D) inserts registers."""
     if reg is None:
         return ref.forward_features(x)["x_norm_patchtokens"]
@@ -52,18 +54,30 @@ def _reference_tokens(ref: torch.nn.Module, x: torch.Tensor, reg: torch.Tensor |
     return ref.norm(t)[:, 1 + N_REG :]
 
 
-def _release_file(tmp_path: Path, ref: torch.nn.Module, reg: torch.Tensor | None) -> Path:
+def _release_file(path: Path, ref: torch.nn.Module, reg: torch.Tensor | None) -> Path:
     state_dict = {k: v.clone() for k, v in ref.state_dict().items()}
     if reg is not None:
         state_dict["register_tokens"] = reg.clone()
-    path = tmp_path / "dinov2_release.pth"
     torch.save(state_dict, path)
     return path
 
 
-def test_release_layout_matches_the_expected_tensors():
-    ref = _reference_vits14(0)
-    sd = ref.state_dict()
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> dict[str, object]:
+    """One reference ViT-S/14 and its release files, with and without 4 registers."""
+    ref = _reference_vits14(1)
+    reg = 0.5 * torch.randn(1, N_REG, 384)
+    folder = tmp_path_factory.mktemp("dinov2_release")
+    return {
+        "ref": ref,
+        "reg": reg,
+        "vits14": _release_file(folder / "vits14.pth", ref, None),
+        "vits14_reg": _release_file(folder / "vits14_reg4.pth", ref, reg),
+    }
+
+
+def test_release_layout_matches_the_expected_tensors(release):
+    sd = torch.load(release["vits14"], weights_only=True)
     assert len(sd) == 175
     assert sd["pos_embed"].shape == (1, 1 + 37 * 37, 384)
     assert {"cls_token", "mask_token", "blocks.11.ls2.gamma"} <= set(sd)
@@ -73,10 +87,9 @@ def test_release_layout_matches_the_expected_tensors():
     ("name", "image_size"),
     [("vits14", 518), ("vits14_reg", 518), ("vits14", 224)],
 )
-def test_patch_tokens_equal_the_reference(tmp_path, name, image_size):
-    ref = _reference_vits14(1)
-    reg = 0.5 * torch.randn(1, N_REG, 384) if name.endswith("_reg") else None
-    path = _release_file(tmp_path, ref, reg)
+def test_patch_tokens_equal_the_reference(release, name, image_size):
+    ref, path = release["ref"], release[name]
+    reg = release["reg"] if name.endswith("_reg") else None
 
     loaded = build_dinov2(name, str(path), image_size=image_size)
     x = torch.randn(1, 3, image_size, image_size)
@@ -95,15 +108,13 @@ def test_patch_tokens_equal_the_reference(tmp_path, name, image_size):
     assert loaded.sha256 is not None and loaded.checkpoint == path.resolve().as_uri()
 
 
-def test_pos_embed_resampling_for_registers_matches_timm(tmp_path):
+def test_pos_embed_resampling_for_registers_matches_timm(release):
     """At sizes other than 518 the _reg models resize pos_embed with antialiased bicubic to
     the exact size (Meta: interpolate_offset=0, interpolate_antialias=True), which is also
     what timm's own checkpoint filter does."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    ref = _reference_vits14(3)
-    reg = 0.5 * torch.randn(1, N_REG, 384)
-    path = _release_file(tmp_path, ref, reg)
+    path = release["vits14_reg"]
     loaded = build_dinov2("vits14_reg", str(path), image_size=224)
     timm_sd = checkpoint_filter_fn(torch.load(path, weights_only=True), loaded.model)
     ours = loaded.model.pos_embed.detach()

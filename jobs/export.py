@@ -1,0 +1,487 @@
+"""``refseg export``: a labelling run's instances as YOLO-seg, COCO or Label Studio files.
+
+Reads the run folder ``OUT`` (local path or URI) written by ``refseg label`` part by part:
+``images/part-*.parquet`` (completion markers; only ``status == "ok"`` images are exported)
+and the ``instances/part-*.parquet`` of the same name. Memory holds one part at a time.
+
+Score thresholds are applied at export: an instance is kept when its score is at least the
+threshold of its class (``--class-thresholds``), else at least ``--score-threshold``.
+
+Formats (written under ``--dest``, a local folder, default ``OUT/export-<format>``):
+
+* ``yolo-seg``: Ultralytics segmentation labels ``labels/<stem>.txt``, one line per
+  instance ``class x1 y1 x2 y2 ...`` (the outer boundary of the mask's largest 8-connected
+  component, pixel-corner coordinates divided by the image width/height); an empty file
+  for an image without instances. ``data.yaml`` (class index = position in the sorted
+  category ids) and ``images.txt`` (the images, in label order). ``--link-images`` links
+  local images into ``images/`` so that Ultralytics' images -> labels path rule holds.
+* ``coco``: ``annotations.json``, a COCO dataset (RLE masks, ``score`` kept).
+* ``label-studio``: ``tasks.json`` (tasks with ``polygonlabels`` predictions, points in
+  percent of the image size, ``model_version`` "refseg") and ``label_config.xml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import posixpath
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import quoteattr
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import yaml
+
+from pipeline.outputs import IMAGES_DIR, INSTANCES_DIR, finished_parts
+from pipeline.run_record import read_run_record
+from pipeline.storage import Location, resolve
+from refseg_core import rle as rle_ops
+
+__all__ = [
+    "FORMATS",
+    "ExportSummary",
+    "Thresholds",
+    "add_export_args",
+    "export_run",
+    "mask_polygon",
+    "parse_class_thresholds",
+    "run_categories",
+    "run_export",
+]
+
+FORMATS = ("yolo-seg", "coco", "label-studio")
+MODEL_VERSION = "refseg"
+_IMAGE_COLUMNS = ["image_id", "image_uri", "width", "height", "status"]
+_INSTANCE_COLUMNS = ["image_id", "category_id", "score", "bbox", "segmentation", "area"]
+# direction codes of pixel edges: 0 right, 1 down, 2 left, 3 up (image axes, y down)
+_STEP = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- polygons
+
+
+def mask_polygon(mask: np.ndarray) -> np.ndarray:
+    """Outer boundary of the largest 8-connected component of a mask, as a polygon.
+
+    Pure numpy "crack following": the boundary runs along pixel edges, so vertices are
+    pixel corners (pixel ``(row, col)`` spans ``x in [col, col + 1]``, ``y in [row, row +
+    1]``) and the polygon encloses the component exactly (holes filled). Collinear
+    vertices are dropped: a solid rectangle ``mask[y0:y1, x0:x1]`` gives its 4 corners.
+    Components are compared by enclosed area.
+
+    Args:
+        mask: (H, W) bool (any non-zero counts as foreground).
+
+    Returns:
+        (K, 2) float64 ``(x, y)`` vertices, clockwise on screen (y down), K >= 4; (0, 2)
+        for an empty mask.
+    """
+    m = np.asarray(mask).astype(bool)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got shape {m.shape}")
+    ys, xs = np.nonzero(m)
+    if ys.size == 0:
+        return np.zeros((0, 2), dtype=np.float64)
+    y0, x0 = int(ys.min()), int(xs.min())
+    m = m[y0 : ys.max() + 1, x0 : xs.max() + 1]
+    w = m.shape[1]
+    p = np.pad(m, 1)
+    starts, dirs = [], []
+    # an edge per foreground pixel side facing background, walked with the pixel on its right
+    sides = (
+        (m & ~p[:-2, 1:-1], 0, 0, 0),  # top: from the top-left corner, rightwards
+        (m & ~p[1:-1, 2:], 1, 1, 0),  # right side: from the top-right corner, down
+        (m & ~p[2:, 1:-1], 2, 1, 1),  # bottom: from the bottom-right corner, leftwards
+        (m & ~p[1:-1, :-2], 3, 0, 1),  # left side: from the bottom-left corner, up
+    )
+    for side, d, dx, dy in sides:
+        r, c = np.nonzero(side)
+        starts.append(np.stack([c + dx, r + dy], axis=1))
+        dirs.append(np.full(r.size, d, dtype=np.int64))
+    start = np.concatenate(starts).astype(np.int64)
+    direction = np.concatenate(dirs)
+    end = start + _STEP[direction]
+    nxt = _next_edges(start, end, direction, w + 1)
+    rep = _cycle_representatives(nxt)
+    cross = start[:, 0] * end[:, 1] - end[:, 0] * start[:, 1]
+    area = np.bincount(rep, weights=cross, minlength=rep.size)
+    edge = int(np.argmax(area))  # a representative of the largest outer boundary
+    order = [edge]
+    while (edge := int(nxt[edge])) != order[0]:
+        order.append(edge)
+    idx = np.asarray(order)
+    turn = direction[idx] != direction[np.roll(idx, 1)]
+    return (start[idx[turn]] + [x0, y0]).astype(np.float64)
+
+
+def _next_edges(start: np.ndarray, end: np.ndarray, d: np.ndarray, row: int) -> np.ndarray:
+    """Index of the edge that follows each edge; at a vertex shared by two diagonal pixels
+    the left turn is taken, which joins them (8-connectivity, like OpenCV's contours)."""
+    keys = (start[:, 1] * row + start[:, 0]) * 4 + d
+    order = np.argsort(keys)
+    sorted_keys = keys[order]
+    vertex = (end[:, 1] * row + end[:, 0]) * 4
+    nxt = np.full(d.size, -1, dtype=np.int64)
+    for turn in (3, 0, 1):  # left, straight, right
+        want = vertex + (d + turn) % 4
+        pos = np.minimum(np.searchsorted(sorted_keys, want), d.size - 1)
+        hit = (sorted_keys[pos] == want) & (nxt < 0)
+        nxt[hit] = order[pos[hit]]
+    if (nxt < 0).any():  # pragma: no cover - every boundary vertex has an outgoing edge
+        raise RuntimeError("broken boundary: an edge has no successor")
+    return nxt
+
+
+def _cycle_representatives(nxt: np.ndarray) -> np.ndarray:
+    """Smallest edge index of each edge's cycle (pointer doubling, O(n log n))."""
+    rep = np.arange(nxt.size)
+    jump = nxt.copy()
+    for _ in range(max(1, math.ceil(math.log2(max(nxt.size, 2))))):
+        rep = np.minimum(rep, rep[jump])
+        jump = jump[jump]
+    return rep
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+def parse_class_thresholds(spec: str | None) -> dict[str, float]:
+    """``"person=0.5,dog=0.3"`` or a YAML/JSON file mapping class name or id -> threshold."""
+    if not spec:
+        return {}
+    if os.path.isfile(spec) or spec.lower().endswith((".yaml", ".yml", ".json")):
+        try:
+            with open(spec, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"class thresholds file not found: {spec}") from None
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{spec} must map class names or ids to thresholds")
+        items = list(data.items())
+    else:
+        items = []
+        for part in filter(None, (s.strip() for s in spec.split(","))):
+            key, sep, value = part.rpartition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"--class-thresholds entry {part!r} is not NAME=THRESHOLD")
+            items.append((key.strip(), value))
+    out: dict[str, float] = {}
+    for key, value in items:
+        try:
+            t = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"threshold of class {key!r} is not a number: {value!r}") from None
+        if not math.isfinite(t):
+            raise ValueError(f"threshold of class {key!r} must be finite, got {value!r}")
+        out[str(key)] = t
+    return out
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Per-class score thresholds (category id -> T) over a default; keep score >= T."""
+
+    default: float = 0.0
+    per_class: dict[int, float] = field(default_factory=dict)
+
+    @classmethod
+    def resolve(
+        cls, default: float, raw: Mapping[str, float], categories: Mapping[int, str]
+    ) -> Thresholds:
+        """Map name or id keys to category ids; a key naming no class raises ValueError."""
+        by_name = {name: cid for cid, name in categories.items()}
+        per: dict[int, float] = {}
+        for key, t in raw.items():
+            if key in by_name:
+                per[by_name[key]] = t
+            elif key.lstrip("-").isdigit() and int(key) in categories:
+                per[int(key)] = t
+            else:
+                known = ", ".join(f"{c}={n}" for c, n in sorted(categories.items()))
+                raise ValueError(f"--class-thresholds: no class {key!r} in the run ({known})")
+        return cls(float(default), per)
+
+    def keep(self, category_id: int, score: float) -> bool:
+        return score >= self.per_class.get(int(category_id), self.default)
+
+
+# --------------------------------------------------------------------------- reading a run
+
+
+def run_categories(out: Location) -> dict[int, str]:
+    """Category id -> name: the run's references (run.json) and every exported instance."""
+    cats: dict[int, str] = {}
+    for ref in (read_run_record(out) or {}).get("references") or []:
+        if "category_id" in ref:
+            cats[int(ref["category_id"])] = str(ref.get("category_name", ref["category_id"]))
+    for name in finished_parts(out):
+        table = _read(out.child(INSTANCES_DIR, name), ["category_id", "category_name"])
+        if table is not None:
+            ids, names = (table.column(c).to_pylist() for c in ("category_id", "category_name"))
+            for cid, cname in zip(ids, names, strict=True):
+                cats.setdefault(int(cid), str(cname) if cname is not None else str(cid))
+    return dict(sorted(cats.items()))
+
+
+def _read(loc: Location, columns: list[str]):
+    try:
+        with loc.fs.open_input_file(loc.path) as f:
+            return pq.read_table(f, columns=columns)
+    except FileNotFoundError:
+        return None
+
+
+def iter_images(out: Location) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """(image row, its instance rows) of every ok image, one part in memory at a time."""
+    for name in finished_parts(out):
+        images = _read(out.child(IMAGES_DIR, name), _IMAGE_COLUMNS)
+        inst = _read(out.child(INSTANCES_DIR, name), _INSTANCE_COLUMNS)
+        by_image: dict[int, list[dict[str, Any]]] = {}
+        for row in inst.to_pylist() if inst is not None else []:
+            by_image.setdefault(int(row["image_id"]), []).append(row)
+        for img in images.to_pylist() if images is not None else []:
+            if img["status"] == "ok":
+                yield img, by_image.get(int(img["image_id"]), [])
+
+
+@dataclass
+class ExportSummary:
+    format: str
+    dest: str
+    images: int = 0
+    kept: int = 0
+    dropped: int = 0
+
+    def line(self) -> str:
+        return (
+            f"refseg export: {self.format}, {self.images} images, {self.kept} instances kept, "
+            f"{self.dropped} below threshold; written to {self.dest}"
+        )
+
+
+def _kept(rows: list[dict[str, Any]], th: Thresholds, s: ExportSummary) -> list[dict[str, Any]]:
+    kept = [r for r in rows if th.keep(r["category_id"], r["score"])]
+    s.kept += len(kept)
+    s.dropped += len(rows) - len(kept)
+    return kept
+
+
+def _polygon(row: dict[str, Any]) -> np.ndarray:
+    seg = row.get("segmentation")
+    if seg is None:  # a box-only result: its box is the polygon
+        x, y, w, h = row["bbox"]
+        return np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]], dtype=np.float64)
+    return mask_polygon(rle_ops.decode_rle(seg))
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def _write_yolo(out: Location, dest: Path, th: Thresholds, cats: dict[int, str], link: bool):
+    s = ExportSummary("yolo-seg", str(dest))
+    index = {cid: k for k, cid in enumerate(sorted(cats))}
+    (dest / "labels").mkdir(parents=True, exist_ok=True)
+    listed, used = [], set()
+    for img, rows in iter_images(out):
+        w, h = float(img["width"]), float(img["height"])
+        lines = []
+        for r in _kept(rows, th, s):
+            poly = _polygon(r)
+            if len(poly) < 3:
+                continue
+            xy = np.clip(poly / [w, h], 0.0, 1.0).reshape(-1)
+            lines.append(" ".join([str(index[int(r["category_id"])])] + [f"{v:.6f}" for v in xy]))
+        stem = posixpath.splitext(posixpath.basename(str(img["image_uri"])))[0] or "image"
+        stem = f"{stem}_{img['image_id']}" if stem in used else stem  # same name, other folder
+        used.add(stem)
+        (dest / "labels" / f"{stem}.txt").write_text("".join(f"{ln}\n" for ln in lines))
+        uri = str(img["image_uri"])
+        if link and "://" not in uri:
+            target = dest / "images" / f"{stem}{os.path.splitext(uri)[1]}"
+            target.parent.mkdir(exist_ok=True)
+            target.unlink(missing_ok=True)
+            target.symlink_to(os.path.abspath(uri))
+            uri = str(target)
+        listed.append(uri)
+        s.images += 1
+    (dest / "images.txt").write_text("".join(f"{u}\n" for u in listed))
+    data = {
+        "path": str(dest.resolve()),
+        "train": "images.txt",
+        "val": "images.txt",
+        "nc": len(index),
+        "names": {k: cats[cid] for cid, k in index.items()},
+        "category_ids": {k: cid for cid, k in index.items()},
+        "thresholds": {"default": th.default, "per_class": th.per_class},
+    }
+    (dest / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    return s
+
+
+def _json_array(f, items: Iterator[Any]) -> None:
+    f.write("[")
+    for k, item in enumerate(items):
+        f.write((",\n" if k else "\n") + json.dumps(item))
+    f.write("\n]")
+
+
+def _write_coco(out: Location, dest: Path, th: Thresholds, cats: dict[int, str]):
+    s = ExportSummary("coco", str(dest))
+
+    def images() -> Iterator[dict[str, Any]]:
+        for img, _ in iter_images(out):
+            s.images += 1
+            yield {
+                "id": int(img["image_id"]),
+                "file_name": img["image_uri"],
+                "width": int(img["width"]),
+                "height": int(img["height"]),
+            }
+
+    def annotations() -> Iterator[dict[str, Any]]:
+        k = 0
+        for _, rows in iter_images(out):
+            for r in _kept(rows, th, s):
+                k += 1
+                ann = {
+                    "id": k,
+                    "image_id": int(r["image_id"]),
+                    "category_id": int(r["category_id"]),
+                    "bbox": [float(v) for v in r["bbox"]],
+                    "area": float(r["area"]),
+                    "iscrowd": 0,
+                    "score": float(r["score"]),
+                }
+                if r["segmentation"] is not None:
+                    seg = r["segmentation"]
+                    ann["segmentation"] = {"size": list(seg["size"]), "counts": seg["counts"]}
+                yield ann
+
+    info = {"description": "refseg export", "thresholds": {"default": th.default}}
+    info["thresholds"]["per_class"] = {str(c): t for c, t in th.per_class.items()}
+    categories = [{"id": c, "name": n} for c, n in cats.items()]
+    with open(dest / "annotations.json", "w", encoding="utf-8") as f:
+        f.write(f'{{"info": {json.dumps(info)}, "categories": {json.dumps(categories)}, ')
+        f.write('"images": ')
+        _json_array(f, images())
+        f.write(', "annotations": ')
+        _json_array(f, annotations())
+        f.write("}\n")
+    return s
+
+
+def _write_label_studio(out: Location, dest: Path, th: Thresholds, cats: dict[int, str]):
+    s = ExportSummary("label-studio", str(dest))
+
+    def tasks() -> Iterator[dict[str, Any]]:
+        for img, rows in iter_images(out):
+            s.images += 1
+            w, h = int(img["width"]), int(img["height"])
+            results = []
+            for k, r in enumerate(_kept(rows, th, s)):
+                poly = _polygon(r)
+                if len(poly) < 3:
+                    continue
+                pts = np.clip(poly / [w, h] * 100.0, 0.0, 100.0).round(4).tolist()
+                value = {"points": pts, "closed": True, "polygonlabels": [cats[r["category_id"]]]}
+                item = {"id": f"{img['image_id']}_{k}", "type": "polygonlabels", "value": value}
+                item.update(from_name="label", to_name="image", image_rotation=0)
+                item.update(original_width=w, original_height=h, score=float(r["score"]))
+                results.append(item)
+            score = float(np.mean([r["score"] for r in results])) if results else 0.0
+            pred = {"model_version": MODEL_VERSION, "score": score, "result": results}
+            data = {"image": img["image_uri"], "refseg_image_id": int(img["image_id"])}
+            yield {"data": data, "predictions": [pred]}
+
+    with open(dest / "tasks.json", "w", encoding="utf-8") as f:
+        _json_array(f, tasks())
+        f.write("\n")
+    labels = "\n".join(f"    <Label value={quoteattr(n)}/>" for n in cats.values())
+    (dest / "label_config.xml").write_text(
+        '<View>\n  <Image name="image" value="$image"/>\n'
+        f'  <PolygonLabels name="label" toName="image">\n{labels}\n  </PolygonLabels>\n</View>\n'
+    )
+    return s
+
+
+def export_run(
+    out: str,
+    fmt: str,
+    *,
+    dest: str | None = None,
+    score_threshold: float = 0.0,
+    class_thresholds: str | Mapping[str, float] | None = None,
+    link_images: bool = False,
+    s3_endpoint: str | None = None,
+) -> ExportSummary:
+    """Export the run folder ``out`` in format ``fmt`` (one of ``FORMATS``) into ``dest``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if not math.isfinite(score_threshold):
+        raise ValueError(f"--score-threshold must be finite, got {score_threshold}")
+    loc = resolve(out, s3_endpoint=s3_endpoint)
+    if loc.fs.get_file_info(loc.child(IMAGES_DIR).path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{out} has no images/ parts: is it the --out of `refseg label`?")
+    if dest is None:
+        if loc.scheme:
+            raise ValueError(f"{out} is remote: pass --dest, a local folder")
+        dest = os.path.join(loc.path, f"export-{fmt}")
+    raw = (
+        class_thresholds
+        if isinstance(class_thresholds, Mapping)
+        else parse_class_thresholds(class_thresholds)
+    )
+    cats = run_categories(loc)
+    th = Thresholds.resolve(score_threshold, {str(k): v for k, v in raw.items()}, cats)
+    path = Path(dest)
+    path.mkdir(parents=True, exist_ok=True)
+    if fmt == "yolo-seg":
+        return _write_yolo(loc, path, th, cats, link_images)
+    if fmt == "coco":
+        return _write_coco(loc, path, th, cats)
+    return _write_label_studio(loc, path, th, cats)
+
+
+def add_export_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``refseg export``'s arguments to ``parser``."""
+    parser.add_argument("run_dir", metavar="OUT", help="run folder written by `refseg label`")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="output format")
+    parser.add_argument(
+        "--dest", metavar="DIR", default=None,
+        help="local folder to write (default OUT/export-<format>)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--score-threshold", metavar="T", type=float, default=0.0,
+        help="keep instances scoring at least T (default 0: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--class-thresholds", metavar="SPEC", default=None,
+        help='per-class thresholds overriding --score-threshold: "person=0.5,dog=0.3" or a '
+        "YAML/JSON file mapping class name or id to a threshold",
+    )  # fmt: skip
+    parser.add_argument(
+        "--link-images", action="store_true",
+        help="yolo-seg: symlink local images into DEST/images/ beside DEST/labels/",
+    )  # fmt: skip
+    parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Run ``refseg export`` from parsed arguments; print a summary line; return 0."""
+    summary = export_run(
+        args.run_dir,
+        args.format,
+        dest=args.dest,
+        score_threshold=args.score_threshold,
+        class_thresholds=args.class_thresholds,
+        link_images=args.link_images,
+        s3_endpoint=getattr(args, "s3_endpoint", None),
+    )
+    print(summary.line())
+    return 0

@@ -1,0 +1,436 @@
+"""The `refseg` command line, end to end through ``jobs.cli.main(argv)``.
+
+CPU only: the tiny preset with random weights, small generated images and COCO files. The
+labelling tests share one module-scoped run (one local Ray with 2 CPUs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from jobs.cli import COMMANDS, Command, build_parser, main
+from refseg_core.memory_bank import MemoryBank
+
+W, H = 160, 128
+BOX, TRI = 3, 7  # category ids; not list positions
+TINY = ["--preset", "tiny", "--random-weights"]
+
+
+def _run(argv: list[str]) -> tuple[int, str, str]:
+    """``main(argv)`` with stdout and stderr captured; random-weight warnings silenced."""
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+        warnings.catch_warnings(),
+    ):
+        warnings.filterwarnings("ignore", message=".*(RANDOM WEIGHTS|random weights)")
+        rc = main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _poly_ann(aid: int, image_id: int, cat: int, pts: list[tuple[int, int]]) -> dict:
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    poly = [float(v) for p in pts for v in p]
+    rle = mask_utils.merge(mask_utils.frPyObjects([poly], H, W))
+    return {
+        "id": aid,
+        "image_id": image_id,
+        "category_id": cat,
+        "segmentation": [poly],
+        "bbox": [
+            float(min(xs)),
+            float(min(ys)),
+            float(max(xs) - min(xs)),
+            float(max(ys) - min(ys)),
+        ],
+        "area": float(mask_utils.area(rle)),
+        "iscrowd": 0,
+    }
+
+
+def make_dataset(root: Path, n_images: int = 6) -> Path:
+    """PNG images with one rectangle (BOX) and one triangle (TRI) each; returns GT.json."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    images, anns = [], []
+    for i in range(1, n_images + 1):
+        x, y = 12 + 4 * i, 14 + 2 * i
+        box = [(x, y), (x + 50, y), (x + 50, y + 44), (x, y + 44)]
+        tri = [(96, 20 + 3 * i), (146, 20 + 3 * i), (121, 70 + 4 * i)]
+        arr = rng.integers(0, 60, (H, W, 3), dtype=np.uint8)
+        img = Image.fromarray(arr)
+        draw = ImageDraw.Draw(img)
+        draw.polygon(box, fill=(220, 40, 40))
+        draw.polygon(tri, fill=(40, 200, 60))
+        img.save(root / f"im{i}.png")
+        images.append({"id": 100 + i, "file_name": f"im{i}.png", "width": W, "height": H})
+        anns.append(_poly_ann(10 * i, 100 + i, BOX, box))
+        anns.append(_poly_ann(10 * i + 1, 100 + i, TRI, tri))
+    gt = {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": BOX, "name": "box"}, {"id": TRI, "name": "tri"}],
+    }
+    path = root / "gt.json"
+    path.write_text(json.dumps(gt))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+def _sample(gt: Path, out: Path, *, split: str, seed: int = 0, shots: int = 2) -> Path:
+    rc, _, err = _run(
+        ["sample-references", "--annotations", str(gt), "--shots", str(shots),
+         "--seed", str(seed), "--split", split, "--out", str(out)]
+    )  # fmt: skip
+    assert rc == 0, err
+    return out
+
+
+# ------------------------------------------------------------------ sample-references
+
+
+def test_sample_references_same_seed_same_bytes(dataset, tmp_path):
+    a = _sample(dataset, tmp_path / "a.json", split="box,7", seed=3)
+    b = _sample(dataset, tmp_path / "b.json", split="box,7", seed=3)
+    assert a.read_bytes() == b.read_bytes()
+    refs = json.loads(a.read_bytes())
+    assert sorted({x["category_id"] for x in refs["annotations"]}) == [BOX, TRI]
+    assert len(refs["annotations"]) == 4 and refs["info"]["seed"] == 3
+
+    def chosen(seed: int) -> list[int]:
+        path = _sample(dataset, tmp_path / f"s{seed}.json", split="box,7", seed=seed)
+        return [x["id"] for x in json.loads(path.read_text())["annotations"]]
+
+    assert any(chosen(s) != chosen(3) for s in range(4, 9))  # 2 of 6 candidates per class
+
+
+def test_sample_references_unknown_split_is_a_clear_error(dataset, tmp_path):
+    rc, _, err = _run(
+        ["sample-references", "--annotations", str(dataset), "--shots", "1",
+         "--split", "coco-fsod-novel", "--out", str(tmp_path / "r.json")]
+    )  # fmt: skip
+    assert rc == 2
+    assert err.startswith("refseg sample-references: error: split 'coco-fsod-novel'")
+    assert "Traceback" not in err and not (tmp_path / "r.json").exists()
+
+
+# ----------------------------------------------------------------------- build-memory
+
+
+def _build(refs: Path, images: Path, bank: Path, *extra: str) -> tuple[int, str, str]:
+    return _run(
+        ["build-memory", "--references", str(refs), "--images", str(images),
+         "--out", str(bank), *TINY, *extra]
+    )  # fmt: skip
+
+
+def test_build_memory_then_add_a_class(dataset, tmp_path):
+    root = dataset.parent
+    refs_box = _sample(dataset, tmp_path / "box.json", split="box", shots=2)
+    refs_tri = _sample(dataset, tmp_path / "tri.json", split="tri", shots=3)
+    bank_path = tmp_path / "bank.safetensors"
+    with pytest.warns(UserWarning, match="RANDOM WEIGHTS"):
+        rc = main(["build-memory", "--references", str(refs_box), "--images", str(root),
+                   "--out", str(bank_path), *TINY])  # fmt: skip
+    assert rc == 0
+    first = MemoryBank.load(str(bank_path))
+    assert first.category_ids == [BOX] and len(first) == 2
+    assert first.meta["random_weights"] is True and first.meta["preset"] == "tiny"
+    assert first.meta["dinov2_model"] == "vits14" and "created" in first.meta
+    assert first.meta["dinov2_sha256"] is None and first.meta["dinov2_checkpoint"] is None
+
+    rc, out, err = _build(refs_tri, root, bank_path, "--add")
+    assert rc == 0, err
+    assert "2 classes, 5 shots (+1 classes, +3 shots)" in out
+    both = MemoryBank.load(str(bank_path))
+    assert both.category_ids == [BOX, TRI] and both.names == {BOX: "box", TRI: "tri"}
+    assert torch.equal(both.shots[BOX], first.shots[BOX])  # bit for bit
+    assert both.shots[TRI].shape == (3, first.dim)
+    assert both.meta["created"] == first.meta["created"] and "updated" in both.meta
+
+    before = bank_path.read_bytes()
+    rc, out, err = _build(refs_tri, root, bank_path, "--add")
+    assert rc == 0, err
+    assert "3 shots already in" in out and "nothing new to add" in out
+    assert bank_path.read_bytes() == before
+
+
+def test_build_memory_refuses_a_bank_of_other_weights(dataset, tmp_path):
+    refs = _sample(dataset, tmp_path / "box.json", split="box", shots=1)
+    bank = MemoryBank(encoder="vits14", image_size=112, meta={"random_weights": False})
+    bank.save(str(tmp_path / "bank"))
+    rc, _, err = _build(refs, dataset.parent, tmp_path / "bank", "--add")
+    assert rc == 2 and "other DINOv2 weights" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        # a missing checkpoint says where to get it
+        (["--preset", "tiny"], "refseg checkpoints download dinov2_vits14"),
+        # a bad path names the path
+        ([*TINY, "--references", "{tmp}/missing.json"], "{tmp}/missing.json"),
+        ([*TINY, "--add", "--out", "{tmp}/no-bank"], "{tmp}/no-bank"),
+        ([*TINY, "--images", "{tmp}/no-images"], "{tmp}/no-images/im"),
+    ],
+)
+def test_build_memory_errors_are_one_clear_line(dataset, tmp_path, argv, expected):
+    refs = _sample(dataset, tmp_path / "refs.json", split="box", shots=1)
+    base = ["--references", str(refs), "--images", str(dataset.parent), "--out",
+            str(tmp_path / "bank"), "--cache-dir", str(tmp_path / "empty-cache")]  # fmt: skip
+    rc, _, err = _run(["build-memory", *base, *(a.format(tmp=tmp_path) for a in argv)])
+    assert rc == 2
+    assert err.startswith("refseg build-memory: error: ")
+    assert expected.format(tmp=tmp_path) in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- label
+
+
+@pytest.fixture(scope="module")
+def label_run(dataset, tmp_path_factory):
+    """One labelling run of 4 images (COCO targets, so image ids are the GT's)."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    tmp = tmp_path_factory.mktemp("label")
+    root = dataset.parent
+    gt = json.loads(dataset.read_text())
+    targets = {**gt, "images": gt["images"][:4], "annotations": []}
+    (tmp / "targets.json").write_text(json.dumps(targets))
+    refs = _sample(dataset, tmp / "refs.json", split="box,tri", shots=1)
+    rc, _, err = _build(refs, root, tmp / "bank")
+    assert rc == 0, err
+    out = tmp / "out"
+    argv = ["label", "--memory", str(tmp / "bank"), "--images", str(root), "--out", str(out),
+            "--targets", str(tmp / "targets.json"), *TINY, "--num-cpus", "2",
+            "--write-batch-size", "2", "--proposal-batch-size", "2"]  # fmt: skip
+    with pytest.warns(UserWarning, match="RANDOM WEIGHTS"):
+        rc, stdout, stderr = _run_raw(argv)
+    yield {"rc": rc, "stdout": stdout, "stderr": stderr, "out": out, "gt": dataset, "tmp": tmp}
+    if started_here:
+        ray.shutdown()
+
+
+def _run_raw(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_label_writes_outputs_and_summary(label_run):
+    assert label_run["rc"] == 0, label_run["stderr"]
+    assert re.search(r"refseg label: 4 images \(4 ok, 0 errors\)", label_run["stdout"])
+    out: Path = label_run["out"]
+    assert (out / "instances").is_dir()
+    images = pq.read_table(out / "images").to_pylist()
+    assert sorted(r["image_id"] for r in images) == [101, 102, 103, 104]
+    assert {r["status"] for r in images} == {"ok"}
+    results = json.loads((out / "coco_results.json").read_text())
+    assert len(results) == sum(r["n_instances"] for r in images)
+    if results:
+        gt = COCO(str(label_run["gt"]))
+        loaded = gt.loadRes(results)
+        assert {a["image_id"] for a in loaded.dataset["annotations"]} <= {101, 102, 103, 104}
+        assert len(loaded.dataset["annotations"]) == len(results)
+    record = json.loads((out / "run.json").read_text())
+    assert record["random_weights"] is True and record["warnings"]
+    assert record["preset"] == "tiny"
+    assert record["config"]["pipeline"]["write_batch_size"] == 2
+
+
+def test_evaluate_a_run_folder_uses_the_banks_classes(label_run):
+    out = label_run["out"]
+    rc, stdout, err = _run(
+        ["evaluate", "--results", str(out), "--ground-truth", str(label_run["gt"])]
+    )
+    assert rc == 0, err
+    assert "categories: the run's memory bank" in stdout
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["inputs"]["category_ids"] == [BOX, TRI]
+    assert set(saved) >= {"bbox", "segm"} and len(saved["segm"]["stats"]) == 12
+
+
+def test_label_rerun_skips_done_images(label_run):
+    assert label_run["rc"] == 0
+    argv = ["label", "--memory", str(label_run["tmp"] / "bank"), "--images",
+            str(label_run["gt"].parent), "--out", str(label_run["out"]),
+            "--targets", str(label_run["tmp"] / "targets.json"), *TINY, "--num-cpus", "2",
+            "--write-batch-size", "2", "--proposal-batch-size", "2"]  # fmt: skip
+    rc, stdout, err = _run(argv)
+    assert rc == 0, err
+    assert "0 images (0 ok, 0 errors)" in stdout and "4 already done" in stdout
+
+
+def test_label_category_clash_names_both_sides(dataset, tmp_path):
+    refs = _sample(dataset, tmp_path / "refs.json", split="box", shots=1)
+    assert _build(refs, dataset.parent, tmp_path / "bank")[0] == 0
+    gt = json.loads(dataset.read_text())
+    gt["categories"][0]["name"] = "crate"  # id 3 is "box" in the bank
+    (tmp_path / "targets.json").write_text(json.dumps(gt))
+    rc, _, err = _run(
+        ["label", "--memory", str(tmp_path / "bank"), "--images", str(dataset.parent),
+         "--out", str(tmp_path / "out"), "--targets", str(tmp_path / "targets.json"), *TINY]
+    )  # fmt: skip
+    assert rc == 2
+    assert "'crate'" in err and "'box'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("verbose", [[], ["-v"]])
+def test_label_missing_memory_names_the_path(tmp_path, verbose):
+    missing = tmp_path / "nowhere" / "bank.safetensors"
+    rc, _, err = _run(
+        ["label", *verbose, "--memory", str(missing), "--images", str(tmp_path),
+         "--out", str(tmp_path / "out"), *TINY]
+    )  # fmt: skip
+    assert rc == 2
+    assert f"refseg label: error: memory bank not found: {missing}" in err
+    assert ("Traceback" in err) == bool(verbose)
+
+
+def test_pipeline_settings_precedence(tmp_path):
+    from jobs.cmd_label import PIPELINE_FLAGS, pipeline_settings
+    from jobs.options import load_config_file
+    from pipeline.settings import PipelineSettings
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("pipeline:\n  write_batch_size: 7\n  decode-batch-size: 3\nnum_cpus: 5\n")
+    args = build_parser().parse_args(
+        ["label", "--memory", "m", "--images", "i", "--out", "o", "--config", str(cfg),
+         "--decode-batch-size", "9"]
+    )  # fmt: skip
+    settings = pipeline_settings(args, load_config_file(str(cfg)))
+    assert (settings.write_batch_size, settings.decode_batch_size) == (7, 9)
+    assert settings.match_batch_size == PipelineSettings().match_batch_size
+    assert set(PIPELINE_FLAGS) == {f for f in PipelineSettings.__dataclass_fields__}
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def _perfect_results(gt: dict) -> list[dict]:
+    results = []
+    for a in gt["annotations"]:
+        rle = mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], H, W))
+        rle["counts"] = rle["counts"].decode()
+        results.append({"image_id": a["image_id"], "category_id": a["category_id"],
+                        "bbox": a["bbox"], "score": 1.0, "segmentation": rle})  # fmt: skip
+    return results
+
+
+@pytest.mark.parametrize(("split", "classes"), [([], {BOX, TRI}), (["--split", "tri"], {TRI})])
+def test_evaluate_perfect_results_give_ap_one(dataset, tmp_path, split, classes):
+    results = tmp_path / "perfect.json"
+    results.write_text(json.dumps(_perfect_results(json.loads(dataset.read_text()))))
+    rc, stdout, err = _run(
+        ["evaluate", "--results", str(results), "--ground-truth", str(dataset), *split]
+    )
+    assert rc == 0, err
+    saved = json.loads((tmp_path / "perfect.eval.json").read_text())
+    for iou_type in ("bbox", "segm"):
+        assert saved[iou_type]["stats"]["AP"] == pytest.approx(1.0)
+        assert {int(k) for k in saved[iou_type]["per_class"]} == classes
+    assert "Average Precision" in stdout and "100.00" in stdout
+
+
+def test_evaluate_missing_ground_truth_names_it(dataset, tmp_path):
+    results = tmp_path / "r.json"
+    results.write_text("[]")
+    rc, _, err = _run(
+        ["evaluate", "--results", str(results), "--ground-truth", str(tmp_path / "gt.json")]
+    )
+    assert rc == 2 and f"ground truth not found: {tmp_path / 'gt.json'}" in err
+
+
+# ------------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoints_list_and_download_from_cache(tmp_path):
+    rc, out, _ = _run(["checkpoints", "list", "--cache-dir", str(tmp_path)])
+    assert rc == 0
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert {"sam2.1_hiera_large", "dinov2_vitl14"} <= set(rows)
+    assert rows["sam2.1_hiera_tiny"][3] == "no"
+
+    payload = b"not really a checkpoint"
+    (tmp_path / "sam2.1_hiera_tiny.pt").write_bytes(payload)
+    rc, out, err = _run(
+        ["checkpoints", "download", "sam2.1_hiera_tiny", "--cache-dir", str(tmp_path)]
+    )
+    assert rc == 0, err
+    assert "already cached" in out and hashlib.sha256(payload).hexdigest() in out
+    rc, out, _ = _run(["checkpoints", "list", "--cache-dir", str(tmp_path)])
+    assert (
+        next(ln for ln in out.splitlines() if ln.startswith("sam2.1_hiera_tiny ")).split()[3]
+        == "yes"
+    )
+
+
+def test_checkpoints_download_unknown_name(tmp_path):
+    rc, out, err = _run(["checkpoints", "download", "sam3_giant", "--cache-dir", str(tmp_path)])
+    assert rc == 2 and out == ""
+    assert err.startswith("refseg checkpoints download: error: unknown checkpoint 'sam3_giant'")
+    assert "sam2.1_hiera_large" in err
+
+
+# --------------------------------------------------------------------- parser, version
+
+
+def _subcommands() -> list[list[str]]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    names = [[n] for n in sub.choices]
+    return [*names, ["checkpoints", "list"], ["checkpoints", "download"]]
+
+
+@pytest.mark.parametrize("argv", _subcommands(), ids=" ".join)
+def test_help_of_every_subcommand(argv):
+    rc, out, _ = _run([*argv, "--help"])
+    assert rc == 0 and out.startswith("usage: refseg " + " ".join(argv))
+
+
+def test_core_subcommands_are_registered():
+    names = {a[0] for a in _subcommands()}
+    assert {"sample-references", "build-memory", "label", "evaluate", "report",
+            "checkpoints", "version"} <= names  # fmt: skip
+
+
+def test_absent_command_module_is_left_out():
+    ghost = Command("ghost", "jobs._no_such_module", "add", "run", "not written yet")
+    parser = build_parser([ghost, *COMMANDS])
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert "ghost" not in sub.choices and "label" in sub.choices
+
+
+@pytest.mark.parametrize(
+    "argv", [[], ["label"], ["evaluate", "--results", "x"], ["no-such-command"]]
+)
+def test_usage_errors_exit_2(argv):
+    rc, _, err = _run(argv)
+    assert rc == 2 and "usage: refseg" in err
+
+
+def test_version_lists_packages():
+    rc, out, _ = _run(["version"])
+    assert rc == 0
+    assert re.search(r"^torch\s+\d", out, re.M) and re.search(r"^sam2\s+1\.1\.0", out, re.M)
