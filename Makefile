@@ -7,9 +7,15 @@ STAMP := $(VENV)/.refseg-installed
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test test-slow lint format bench clean
+.PHONY: setup system-deps demo test test-slow lint format bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) system-deps
+
+# Headless Chromium renders the HTML report in a test (Debian package; CI runs as root).
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the report rendering test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 # torch/torchvision first (from this machine's disk where present), then sam2 without
 # build isolation (its setup imports torch), then refseg and its pinned dependencies.
