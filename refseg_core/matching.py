@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from refseg_core import ops
 from refseg_core.config import MethodConfig
 from refseg_core.features import DinoEncoder
+from refseg_core.imaging import ResizeInfo, lowres_to_original
 from refseg_core.instances import Instances
 from refseg_core.memory_bank import MemoryBank
 from refseg_core.proposals import Proposals
@@ -103,13 +104,11 @@ class Matcher:
         )
 
     def _full_resolution(self, logits: torch.Tensor, props: Proposals) -> torch.Tensor:
-        """(K, h, w) low-res logits to (K, H, W) bool masks at the original size."""
-        vh, vw = props.valid_hw
-        if (vh, vw) == (props.input_size, props.input_size):
-            # the paper's path: straight from 256x256 to the original size
-            return ops.upsample_masks(logits, props.orig_hw, self.method.mask_threshold)
-        # longest-side: SAM2's predictor path (to input size, crop the valid part, resize)
-        s = props.input_size
-        up = F.interpolate(logits[:, None], size=(s, s), mode="bilinear", align_corners=False)
-        up = up[:, 0, :vh, :vw]
-        return ops.upsample_masks(up, props.orig_hw, self.method.mask_threshold)
+        """(K, h, w) low-res logits to (K, H, W) bool masks at the original size.
+
+        Square inputs go straight from the low-res logits to the original size (the
+        paper); longest-side inputs map each original pixel into the valid region exactly.
+        """
+        mode = "square" if props.valid_hw == (props.input_size,) * 2 else "longest-side"
+        info = ResizeInfo(props.orig_hw, props.input_size, mode, props.valid_hw)
+        return lowres_to_original(logits, info) > self.method.mask_threshold

@@ -1,0 +1,66 @@
+"""SAM2 proposals on the real tiny architecture, and their exact compact transport form."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from refseg_core import ops
+from refseg_core.config import MethodConfig, get_preset, replace
+from refseg_core.factory import build_proposer
+from refseg_core.proposals import Proposals
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    p = get_preset("tiny")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_proposer(replace(p.model, random_weights=True), p.method).model
+
+
+@pytest.mark.parametrize(
+    ("points", "batch", "iou", "no_mem"),
+    [(4, 5, 0.0, False), (3, 64, 0.4, True), (2, 1, 2.0, False)],
+)
+def test_propose_shapes_filters_and_all_prompts(tiny_model, points, batch, iou, no_mem):
+    from refseg_core.proposals import Sam2Proposer
+
+    m = MethodConfig(
+        points_per_side=points, prompt_batch=batch, iou_threshold=iou, add_no_mem_embed=no_mem
+    )
+    prop = Sam2Proposer(tiny_model, m)
+    out = prop.propose(torch.rand(2, 3, 256, 256), [(256, 256), (256, 128)], [(50, 60), (9, 9)])
+    assert len(out) == 2
+    for p in out:
+        assert p.logits.shape[1:] == (64, 64) and not torch.isnan(p.logits).any()
+        assert bool((p.iou > iou).all())
+        if iou == 0.0:  # every prompt decoded, also the last partial batch
+            assert len(p) == points * points
+        if iou > 1.5:
+            assert len(p) == 0  # nothing passes: an empty, valid result
+    assert out[1].points[:, 0].max() <= 128  # grid over the valid region
+
+
+def test_transport_form_is_exact_after_upsampling():
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(
+        torch.randn(6, 1, 8, 8, generator=g), size=(64, 64), mode="bilinear"
+    )[:, 0]
+    for logits in (smooth, torch.randn(3, 64, 64, generator=g), torch.zeros(0, 64, 64)):
+        p = Proposals(
+            logits, torch.rand(len(logits)), torch.rand(len(logits), 2), 256, (256, 200), (300, 250)
+        )
+        data = p.to_bytes()
+        q = Proposals.from_bytes(data)
+        assert (q.input_size, q.valid_hw, q.orig_hw) == (256, (256, 200), (300, 250))
+        assert torch.equal(q.iou, p.iou) and torch.equal(q.logits > 0, p.logits > 0)
+        for size in ((300, 250), (97, 411)):
+            assert torch.equal(ops.upsample_masks(q.logits, size), ops.upsample_masks(logits, size))
+    # smooth masks are compact: far below dense float32 logits
+    assert (
+        len(Proposals(smooth, torch.rand(6), torch.rand(6, 2), 256, (256, 256), (9, 9)).to_bytes())
+        < smooth.numel() * 4 / 3
+    )
