@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs import report
+from jobs import report, report_data, report_render
 from refseg_core import rle as rle_ops
 from refseg_core.instances import INSTANCES_SCHEMA
 
@@ -213,18 +213,18 @@ def test_histogram_matches_numpy(tmp_path: Path) -> None:
         ]  # fmt: skip
         table = pa.Table.from_pylist(rows, schema=INSTANCES_SCHEMA)
         pq.write_table(table, tmp_path / "instances" / f"{part}.parquet")
-    dataset = report._parquet_dataset(str(tmp_path), "instances")
-    stats = report.class_stats(dataset, 0.25)
+    dataset = report_data._parquet_dataset(str(tmp_path), "instances")
+    stats = report_data.class_stats(dataset, 0.25)
     assert sorted(stats) == [1, 7]
     for cid, ss in scores.items():
         s32 = ss.astype(np.float32).astype(np.float64)
-        expected, _ = np.histogram(s32, bins=report.N_BINS, range=(0, 1))
+        expected, _ = np.histogram(s32, bins=report_data.N_BINS, range=(0, 1))
         assert stats[cid].name == f"c{cid}"
         assert stats[cid].count == len(ss)
         assert stats[cid].above == int((s32 >= 0.25).sum())
         np.testing.assert_array_equal(stats[cid].hist, expected)
     # no images table: the sample comes from the instances' image ids
-    summary = report.summarise_images(None, dataset, 4)
+    summary = report_data.summarise_images(None, dataset, 4)
     assert [r.image_id for r in summary.sample] == [0, 1, 2, 3]
     assert summary.n_images is None
 
@@ -235,14 +235,14 @@ def test_draw_overlay_colours(with_mask: bool) -> None:
     mask = np.zeros((160, 160), dtype=bool)
     mask[40:120, 40:120] = True  # thumbnail rows/cols 20..59
     rle = rle_ops.encode_masks(mask[None])[0] if with_mask else None
-    shape = report.Shape(rle, (40.0, 40.0, 80.0, 80.0), 3, "x")
-    out = report.draw_overlay(img, [shape], 0.5).astype(int)
-    colour = np.array(report.class_colour(3))
+    shape = report_render.Shape(rle, (40.0, 40.0, 80.0, 80.0), 3, "x")
+    out = report_render.draw_overlay(img, [shape], 0.5).astype(int)
+    colour = np.array(report_data.class_colour(3))
     np.testing.assert_array_equal(out[70, 70], 0)  # outside
     np.testing.assert_array_equal(out[10, 22], colour)  # the label's background, above the box
     np.testing.assert_array_equal(out[59, 40], colour)  # outline / box edge
     if with_mask:
-        np.testing.assert_allclose(out[40, 40], colour * report.FILL_ALPHA, atol=1)  # fill
+        np.testing.assert_allclose(out[40, 40], colour * report_data.FILL_ALPHA, atol=1)  # fill
     else:
         np.testing.assert_array_equal(out[40, 40], 0)  # box only: no fill
 
@@ -281,7 +281,7 @@ def test_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
     assert pixels.std() > 10, "the screenshot is blank"
     # the class colours of the overlays and histograms are on screen
     for cid in (1, 2):
-        hits = (np.abs(pixels - np.array(report.class_colour(cid))).sum(axis=2) < 6).sum()
+        hits = (np.abs(pixels - np.array(report_data.class_colour(cid))).sum(axis=2) < 6).sum()
         assert hits > 50, f"class {cid}'s colour is not on the screenshot"
     if os.environ.get("REFSEG_KEEP_SHOT"):
         shutil.copy(shot, os.environ["REFSEG_KEEP_SHOT"])
@@ -289,7 +289,7 @@ def test_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
 
 def test_data_uri_round_trip() -> None:
     img = np.full((4, 6, 3), 200, dtype=np.uint8)
-    uri = report.to_data_uri(img)
+    uri = report_render.to_data_uri(img)
     assert uri.startswith("data:image/jpeg;base64,")
     back = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
     assert back.shape == (4, 6, 3) and np.abs(back.astype(int) - 200).max() <= 3
