@@ -92,7 +92,9 @@ class Matcher:
         if m.soft_merge:
             scores = ops.soft_merge_scores(masks, feats, labels, scores, m.merge_power)
         order = torch.argsort(scores, descending=True, stable=True)
-        order = order[scores[order] > m.score_threshold][: m.max_instances]
+        if m.score_threshold > 0:  # none by default: merged-away instances may score 0
+            order = order[scores[order] > m.score_threshold]
+        order = order[: m.max_instances]
         masks = masks[order]
         return Instances(
             image_size=(oh, ow),

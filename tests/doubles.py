@@ -86,9 +86,9 @@ def connected_components(labels: np.ndarray) -> np.ndarray:
     for y in range(h):
         row = labels[y]
         cuts = np.flatnonzero(row[1:] != row[:-1]) + 1
-        starts, ends = np.r_[0, cuts], np.r_[cuts, w]
+        starts, ends = [0, *cuts.tolist()], [*cuts.tolist(), w]
         runs = []
-        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+        for s, e in zip(starts, ends, strict=True):
             rid = len(parent)
             parent.append(rid)
             run_ids[y, s:e] = rid
@@ -114,7 +114,7 @@ def connected_components(labels: np.ndarray) -> np.ndarray:
 class _PromptEncoder(nn.Module):
     """Passes the prompts through: sparse = (P, K, 3) of (x, y, label)."""
 
-    def forward(self, points, boxes=None, masks=None):  # noqa: D102
+    def forward(self, points, boxes=None, masks=None):
         if boxes is not None or masks is not None:
             raise NotImplementedError("ShapeSam takes point prompts only (boxes as labels 2, 3)")
         coords, labels = points
@@ -127,24 +127,7 @@ class _PromptEncoder(nn.Module):
 
 
 class _MaskDecoder(nn.Module):
-    """Regions of the image (given as the first high-res feature level) under the prompts."""
-
-    def __init__(self, palette: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("palette", palette)
-
-    def _components(self, image: torch.Tensor) -> torch.Tensor:
-        """(3, S, S) in [0, 1] -> (S, S) component ids of the nearest-colour map.
-
-        Only palette colours present in the image (flat areas of at least a few pixels)
-        compete, so that an edge between two colours splits at its midpoint.
-        """
-        d2 = ((image.permute(1, 2, 0)[:, :, None, :] - self.palette) ** 2).sum(-1)
-        present = (d2 < PRESENT_TOL**2).flatten(0, 1).sum(0) >= PRESENT_MIN_PIXELS
-        if not bool(present.any()):
-            present[:] = True
-        quantised = d2.masked_fill(~present, float("inf")).argmin(dim=-1).cpu().numpy()
-        return torch.from_numpy(connected_components(quantised)).to(image.device)
+    """Regions under the prompts, read from the component-id level of ``forward_image``."""
 
     def _region_id(self, comp: torch.Tensor, prompt: torch.Tensor) -> int:
         s = comp.shape[-1]
@@ -170,19 +153,20 @@ class _MaskDecoder(nn.Module):
         """Returns low-res logits (P, 3 or 1, S/4, S/4), IoUs (P, 3 or 1), None, None."""
         if not repeat_image or high_res_features is None or high_res_features[0].shape[0] != 1:
             raise NotImplementedError("ShapeSam decodes prompts of one image (repeat_image)")
-        comp = self._components(high_res_features[0][0])
+        comp = high_res_features[0][0, 0].round().long()  # (S, S) component ids
         ids = torch.tensor(
             [self._region_id(comp, p) for p in sparse_prompt_embeddings], device=comp.device
         )
-        region = (comp[None] == ids[:, None, None]).float()[:, None]  # (P, 1, S, S)
-        logits = (F.avg_pool2d(region, 4) - 0.5) * LOGIT_SCALE  # (P, 1, S/4, S/4)
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        region = (comp[None] == unique[:, None, None]).float()[:, None]  # (U, 1, S, S)
+        logits = (F.avg_pool2d(region, 4)[inverse] - 0.5) * LOGIT_SCALE  # (P, 1, S/4, S/4)
         p = logits.shape[0]
         if not multimask_output:
             return logits, torch.full((p, 1), REGION_IOU), None, None
-        outputs = torch.cat([logits - 0.75 * LOGIT_SCALE / 2, logits, torch.full_like(logits, 8)])
-        outputs = outputs.reshape(3, p, *logits.shape[-2:]).transpose(0, 1)
+        shrunk = logits - 0.375 * LOGIT_SCALE  # foreground where coverage > 0.875
+        outputs = torch.cat([shrunk, logits, torch.full_like(logits, LOGIT_SCALE / 2)], dim=1)
         iou = torch.tensor([SHRUNK_IOU, REGION_IOU, WHOLE_IOU]).repeat(p, 1)
-        return outputs.contiguous(), iou, None, None
+        return outputs, iou, None, None
 
 
 class ShapeSam(nn.Module):
@@ -199,15 +183,31 @@ class ShapeSam(nn.Module):
         if image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
         self.image_size = image_size
-        palette = _palette_tensor([*colours, (0, 0, 0)])
+        self.register_buffer("palette", _palette_tensor([*colours, (0, 0, 0)]))
         self.no_mem_embed = nn.Parameter(torch.zeros(1, 1, 3))
         self.sam_prompt_encoder = _PromptEncoder()
-        self.sam_mask_decoder = _MaskDecoder(palette)
+        self.sam_mask_decoder = _MaskDecoder()
+
+    def components(self, image: torch.Tensor) -> torch.Tensor:
+        """(3, S, S) in [0, 1] -> (S, S) int64 component ids of the nearest-colour map.
+
+        Only palette colours present in the image (flat areas of at least a few pixels)
+        compete, so that an edge between two colours splits at its midpoint.
+        """
+        pixels = image.permute(1, 2, 0).reshape(-1, 3)
+        d2 = torch.cdist(pixels, self.palette) ** 2  # (S*S, K)
+        present = (d2 < PRESENT_TOL**2).sum(0) >= PRESENT_MIN_PIXELS
+        if not bool(present.any()):
+            present[:] = True
+        quantised = d2.masked_fill(~present, float("inf")).argmin(dim=1)
+        labels = quantised.reshape(image.shape[1:]).cpu().numpy()
+        return torch.from_numpy(connected_components(labels)).to(image.device)
 
     def forward_image(self, img_batch: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        """(B, 3, S, S) normalised -> levels [image at S, image at S/4] in [0, 1]."""
+        """(B, 3, S, S) normalised -> levels [component ids (B, 1, S, S), image at S/4]."""
         image = _denormalise(img_batch.float())
-        levels = [image, F.avg_pool2d(image, 4)]
+        comp = torch.stack([self.components(im) for im in image])[:, None].float()
+        levels = [comp, F.avg_pool2d(image, 4)]
         return {"backbone_fpn": levels, "vision_pos_enc": [torch.zeros_like(x) for x in levels]}
 
     def _prepare_backbone_features(self, backbone_out):
