@@ -108,9 +108,24 @@ def load_config_file(path: str | None) -> dict[str, Any]:
     return flat
 
 
+def _check_keys(file_cfg: dict[str, Any], args: argparse.Namespace) -> None:
+    from pipeline.settings import PipelineSettings
+
+    known = {"preset"} | set(vars(args))
+    for cls in (ModelConfig, MethodConfig, PipelineSettings):
+        known |= {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(file_cfg) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown setting(s) {unknown} in config file {args.config}; "
+            "keys are the command's flags (with - or _)"
+        )
+
+
 def resolve_configs(args: argparse.Namespace) -> tuple[str, ModelConfig, MethodConfig]:
     """Preset < config file < flags; warns loudly on random weights."""
     file_cfg = load_config_file(getattr(args, "config", None))
+    _check_keys(file_cfg, args)
     preset_name = getattr(args, "preset", None) or file_cfg.pop("preset", None) or "ntt"
     file_cfg.pop("preset", None)
     preset = get_preset(preset_name)

@@ -271,17 +271,6 @@ def test_evaluate_a_run_folder_uses_the_banks_classes(label_run):
     assert set(saved) >= {"bbox", "segm"} and len(saved["segm"]["stats"]) == 12
 
 
-def test_label_rerun_skips_done_images(label_run):
-    assert label_run["rc"] == 0
-    argv = ["label", "--memory", str(label_run["tmp"] / "bank"), "--images",
-            str(label_run["gt"].parent), "--out", str(label_run["out"]),
-            "--targets", str(label_run["tmp"] / "targets.json"), *TINY, "--num-cpus", "2",
-            "--write-batch-size", "2", "--proposal-batch-size", "2"]  # fmt: skip
-    rc, stdout, err = _run(argv)
-    assert rc == 0, err
-    assert "0 images (0 ok, 0 errors)" in stdout and "4 already done" in stdout
-
-
 def test_label_category_clash_names_both_sides(dataset, tmp_path):
     refs = _sample(dataset, tmp_path / "refs.json", split="box", shots=1)
     assert _build(refs, dataset.parent, tmp_path / "bank")[0] == 0
@@ -296,16 +285,23 @@ def test_label_category_clash_names_both_sides(dataset, tmp_path):
     assert "'crate'" in err and "'box'" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("verbose", [[], ["-v"]])
-def test_label_missing_memory_names_the_path(tmp_path, verbose):
-    missing = tmp_path / "nowhere" / "bank.safetensors"
+@pytest.mark.parametrize(
+    ("extra", "expected", "traceback"),
+    [
+        ([*TINY], "memory bank not found: {tmp}/nowhere/bank", False),
+        (["-v", *TINY], "memory bank not found: {tmp}/nowhere/bank", True),
+        # no Ray is started: the missing checkpoint is found before, with where to get it
+        (["--preset", "tiny"], "refseg checkpoints download sam2.1_hiera_tiny", False),
+    ],
+)
+def test_label_errors_name_the_missing_file(tmp_path, extra, expected, traceback):
     rc, _, err = _run(
-        ["label", *verbose, "--memory", str(missing), "--images", str(tmp_path),
-         "--out", str(tmp_path / "out"), *TINY]
+        ["label", *extra, "--memory", str(tmp_path / "nowhere" / "bank"), "--images",
+         str(tmp_path), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
     )  # fmt: skip
     assert rc == 2
-    assert f"refseg label: error: memory bank not found: {missing}" in err
-    assert ("Traceback" in err) == bool(verbose)
+    assert "refseg label: error: " in err and expected.format(tmp=tmp_path) in err
+    assert ("Traceback" in err) == traceback
 
 
 def test_pipeline_settings_precedence(tmp_path):
