@@ -166,12 +166,12 @@ def demo(out: Path, *, n_images: int, offline: bool, random_weights: bool, seed:
     out = out.resolve()
     _prepare_out(out)
     data = make_sample_data(out / "dataset", n_images=n_images, seed=seed)
-    _log(f"sample dataset: {n_images} target images, {len(load_coco(data.references)['images'])}")
+    pool = load_coco(data.references)
+    _log(f"sample dataset: {n_images} target images, {len(pool['images'])} reference images")
     model, method, note = choose_models(offline=offline, random_weights=random_weights)
     _log(note)
-    gt = load_coco(data.references)
     shots = sample_references(
-        gt, shots=1, seed=seed, category_ids=[c["id"] for c in gt["categories"]]
+        pool, shots=1, seed=seed, category_ids=[c["id"] for c in pool["categories"]]
     )
     shots_path = out / "shots.json"
     shots_path.write_text(json.dumps(shots))
@@ -205,6 +205,7 @@ def demo(out: Path, *, n_images: int, offline: bool, random_weights: bool, seed:
     _log(f"done in {seconds:.1f} s; AP bbox {stats['bbox']:.3f}, segm {stats['segm']:.3f}")
     if model.random_weights:
         _log("RANDOM weights were used: these numbers are meaningless")
+    _log("outputs")
     for label, path in artefacts:
         print(f"  {label}: {path}", flush=True)
     return 0 if report_path else 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import yaml
 
 from jobs import export
+from jobs.cli import main
 from pipeline.schema import IMAGES_SCHEMA
 from refseg_core import rle as rle_ops
 from refseg_core.instances import INSTANCES_SCHEMA
@@ -89,14 +89,8 @@ def run_dir(tmp_path: Path) -> Path:
     return out
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="refseg export")
-    export.add_export_args(parser)
-    return parser
-
-
 def _run(argv: list[str]) -> int:
-    return export.run_export(_parser().parse_args(argv))
+    return main(["export", *argv])
 
 
 # ------------------------------------------------------------------ polygons
@@ -317,19 +311,21 @@ def test_clashing_stems_get_the_image_id(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("argv", "error", "match"),
+    ("argv", "message"),
     [
-        (["--format", "coco", "--class-thresholds", "horse=0.5"], ValueError, "no class 'horse'"),
-        (["--format", "coco", "--score-threshold", "nan"], ValueError, "finite"),
+        (["--format", "coco", "--class-thresholds", "horse=0.5"], "no class 'horse'"),
+        (["--format", "coco", "--class-thresholds", "cat"], "is not NAME=THRESHOLD"),
+        (["--format", "coco", "--score-threshold", "nan"], "must be finite"),
+        (["--format", "voc"], "invalid choice: 'voc'"),
+        (["--format", "coco", "--class-thresholds", "missing.yaml"], "file not found"),
     ],
 )
-def test_errors(run_dir, argv, error, match):
-    with pytest.raises(error, match=match):
-        _run([str(run_dir), *argv])
+def test_cli_errors_exit_2(run_dir, capsys, argv, message):
+    assert _run([str(run_dir), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (run_dir / "export-coco").exists()
 
 
-def test_not_a_run_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no images/ parts"):
-        export.export_run(str(tmp_path), "coco")
-    with pytest.raises(SystemExit):
-        _parser().parse_args([str(tmp_path), "--format", "voc"])
+def test_not_a_run_folder(tmp_path, capsys):
+    assert _run([str(tmp_path), "--format", "coco"]) == 2
+    assert "no images/ parts" in capsys.readouterr().err
