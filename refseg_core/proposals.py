@@ -77,7 +77,7 @@ class Proposals:
         buf = io.BytesIO()
         np.savez(
             buf,
-            signs=np.packbits(fg.numpy().reshape(n, -1), axis=1),
+            signs=np.packbits(fg.numpy().reshape(n, h * w), axis=1),
             boundary_index=flat_idx.numpy().astype(np.int32),
             boundary_value=logits.reshape(-1)[flat_idx].numpy(),
             iou=self.iou.detach().float().cpu().numpy(),
