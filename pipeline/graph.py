@@ -20,6 +20,18 @@ __all__ = ["build_graph"]
 # Fault tolerance: Ray Data's actor pools default to max_restarts=-1 and
 # max_task_retries=-1 (a lost actor is restarted and its batch retried); tasks are retried
 # by Ray as usual. Passing them again is deprecated in Ray 2.60, so they are not repeated.
+# Exceptions are not retried, except transient object-store errors (Ray Data's own list:
+# network errors, throttling, 503s): their task runs again, up to IO_RETRIES times with
+# exponential backoff (2, 4, 8... s, jittered), on top of the S3 client's three attempts.
+# Only write_parts and fetch_bytes raise them (other failed reads are error rows); both are
+# idempotent.
+IO_RETRIES = 6
+
+
+def _retry_transient_io_errors(ds: ray.data.Dataset) -> None:
+    ctx = ds.context  # the dataset's own copy, shared by every dataset derived from it
+    ctx.retried_map_errors = list(ctx.retried_io_errors)
+    ctx.max_map_retries = IO_RETRIES
 
 
 def build_graph(
@@ -33,6 +45,7 @@ def build_graph(
     out: Location,
 ) -> ray.data.Dataset:
     """Wire the stages; returns a dataset of small per-image summary rows."""
+    _retry_transient_io_errors(source)
     actor_model = ModelConfig(**{**model.__dict__, "device": resources.device})
     ds = source.map_batches(
         decode_batch,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,12 +95,13 @@ def _checkpoint_hashes(model: ModelConfig) -> dict[str, str | None]:
     return out
 
 
-def _check_out_reachable(out: Location) -> None:
+def _check_reachable(loc: Location, what: str) -> None:
+    """Fail fast, before Ray starts, when a store is down (Ray's readers retry for minutes)."""
     try:
-        out.fs.get_file_info(out.path)
+        loc.fs.get_file_info(loc.path)
     except Exception as exc:
         raise ConnectionError(
-            f"cannot reach the output location {out.uri}: {exc}. Check the endpoint "
+            f"cannot reach the {what} {loc.uri}: {exc}. Check the endpoint "
             "(--s3-endpoint / AWS_ENDPOINT_URL) and credentials; no work was started"
         ) from exc
 
@@ -124,11 +127,41 @@ def _warn_categories(job: LabelJob, bank: MemoryBank) -> None:
         )
 
 
+# "OSError: When uploading ..." lines of a (remote) traceback; the innermost cause comes first
+_ERROR_LINE = re.compile(r"^\s*(?:\w+\.)*(\w*(?:Error|Exception)): (.+)$")
+
+
+def _stopped(exc: Exception, out: Location) -> Exception:
+    """One clear message for a job that failed mid-run (Ray's errors hold remote tracebacks).
+
+    The root cause's first line, the retries Ray Data made, what is kept and how to resume.
+    A root cause that is an ``OSError`` (an object store that stayed down through every
+    retry) gives an ``OSError``, anything else a ``RuntimeError``.
+    """
+    lines = str(exc).splitlines()
+    roots = [m for m in map(_ERROR_LINE.match, lines) if m and not m[0].lstrip().startswith("ray.")]
+    if roots:
+        name, first = roots[0].group(1), roots[0].group(2).strip()
+    else:
+        name, first = type(exc).__name__, (lines or [""])[0].strip()
+    tries = [ln.strip().rstrip(".") for ln in lines if "attempts (total backoff" in ln]
+    if tries:
+        first = f"{first} ({tries[0]})"
+    cls = getattr(builtins, name, None)
+    kind = OSError if isinstance(cls, type) and issubclass(cls, OSError) else RuntimeError
+    return kind(
+        f"the labelling job stopped: {name}: {first}. Images with finished output in "
+        f"{out.uri} are kept; once the cause is fixed, rerun the same command: only the "
+        "unfinished images run again"
+    )
+
+
 def run_label(job: LabelJob) -> LabelSummary:
     """Run (or resume) a labelling job; returns the counts of this run."""
     t0 = time.perf_counter()
     out = resolve(job.out, s3_endpoint=job.source.s3_endpoint)
-    _check_out_reachable(out)
+    _check_reachable(out, "output location")
+    _check_reachable(resolve(job.source.images, s3_endpoint=job.source.s3_endpoint), "images")
     bank = MemoryBank.load(job.memory)
     bank.check_encoder(job.model.dinov2_model, job.model.dinov2_image_size)
     _warn_categories(job, bank)
@@ -166,13 +199,16 @@ def run_label(job: LabelJob) -> LabelSummary:
             resources=res,
             out=out,
         )
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            n = len(batch[Col.IMAGE_ID])
-            n_err = int(np.sum(batch[Col.STATUS] != "ok"))
-            counts["images"] += n
-            counts["errors"] += n_err
-            counts["ok"] += n - n_err
-            counts["instances"] += int(np.sum(batch[Col.N_INSTANCES]))
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                n = len(batch[Col.IMAGE_ID])
+                n_err = int(np.sum(batch[Col.STATUS] != "ok"))
+                counts["images"] += n
+                counts["errors"] += n_err
+                counts["ok"] += n - n_err
+                counts["instances"] += int(np.sum(batch[Col.N_INSTANCES]))
+        except Exception as exc:
+            raise _stopped(exc, out) from exc
     except NothingToDo as exc:
         log.info("%s", exc)
     seconds = time.perf_counter() - t0

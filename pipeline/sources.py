@@ -75,8 +75,18 @@ def _with_ids(batch: dict[str, np.ndarray], *, loc: Location) -> dict[str, np.nd
     }
 
 
+def _transient(exc: Exception) -> bool:
+    """An object-store error worth retrying: Ray Data's list (network, throttling, 503s)."""
+    return any(p in str(exc) for p in ray.data.DataContext.get_current().retried_io_errors)
+
+
 def fetch_bytes(batch: dict[str, np.ndarray], *, s3_endpoint: str | None) -> dict:
-    """Read each row's ``image_uri``; a failed read becomes an ``error`` text."""
+    """Read each row's ``image_uri``; a failed read becomes an ``error`` text.
+
+    A transient store error is raised instead: an error row would mark the image done for
+    good, while the raised error makes Ray Data retry the batch (see graph.py) and, if the
+    store stays down, stops the job so that a rerun reads the image again.
+    """
     data, errors = [], []
     for uri in batch[Col.IMAGE_URI]:
         try:
@@ -85,6 +95,8 @@ def fetch_bytes(batch: dict[str, np.ndarray], *, s3_endpoint: str | None) -> dic
                 data.append(f.read())
             errors.append("")
         except Exception as exc:
+            if _transient(exc):
+                raise
             data.append(b"")
             errors.append(f"{uri}: could not be read ({type(exc).__name__}: {exc})")
     return {

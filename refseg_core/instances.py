@@ -181,8 +181,11 @@ class Instances:
         """Return a copy whose ``rles`` are set (encoded from ``masks`` if missing).
 
         ``drop_masks=True`` leaves ``masks=None`` in the copy (compact for transport).
+        No instances (e.g. ``Instances.empty``) give empty ``rles``.
         """
         rles = self.rles
+        if rles is None and self.masks is None and len(self) == 0:
+            rles = ()
         if rles is None:
             if self.masks is None:
                 raise ValueError("with_rles needs masks or rles, this Instances has neither")

@@ -47,7 +47,7 @@ def reference_mask(shot: ReferenceShot) -> np.ndarray:
             f"reference annotation {shot.annotation_id} (image {shot.file_name}) has a box but "
             "no mask: run `refseg masks-from-boxes` on the references first"
         )
-    ann = {"segmentation": shot.segmentation}
+    ann = {"id": shot.annotation_id, "segmentation": shot.segmentation}
     return rle_ops.decode_rle(rle_ops.annotation_to_rle(ann, shot.height, shot.width))
 
 

@@ -1,0 +1,399 @@
+"""GPU throughput in the paper's setting: float32 against bf16 and the speed options.
+
+The ``ntt`` preset with random weights at real sizes (SAM2 Hiera-L at 1024, DINOv2 ViT-L/14
+at 518, a 32x32 prompt grid, 10 one-shot classes) labels synthetic 480x640 images with
+``refseg_core.segmenter.Segmenter`` on one GPU. Decoding and RLE encoding (CPU work in the
+pipeline) are left out; the clock covers the upload, both models, matching and the masks'
+copy back to the host. Every variant runs on the same prepared images after warm-up:
+
+  fp32              the paper's setting (prompt batch 256, one image per call, no compile)
+  bf16              MethodConfig.autocast_bf16 (SAM2 and DINOv2 under bf16 autocast)
+  fp32-prompts1024  all 1024 prompts of an image in one decoder call
+  fp32-images4      4 images per call through both encoders
+  fp32-compile      torch.compile of the SAM2 image encoder, the mask decoder's transformer
+                    and the DINOv2 blocks
+  bf16-all          all of the above together
+
+Each variant's instances are compared with float32's on the first ``--check-images`` images:
+instances are paired greedily by mask IoU within a category; ``recall`` is the share of
+float32 instances with a partner at IoU >= 0.5, ``precision`` the same the other way.
+Tolerance: recall, precision and mean IoU of pairs >= 0.98 for float32 variants, >= 0.90 for
+bf16 ones. Random weights make the outputs meaningless but keep the work of real weights
+except for the number of proposals that pass the IoU filter (printed; ``--weights official``
+loads the real checkpoints from the cache).
+
+FLOPs: ``torch.utils.flop_counter`` on one float32 image, and the issue's floor for the
+paper's setting, 6.43 TFLOP per image (SAM2-L encoder 1.77 + 1024 prompts decoded 3.65 +
+DINOv2-L at 518 1.01); TFLOP/s are both figures times images/s; ``%peak`` is against the
+card's dense bf16 peak. Target: >= 25 images/s per H100.
+
+    python bench/gpu.py                 # every variant, 32 images (CUDA only)
+    python bench/gpu.py --bf16          # float32 and bf16 only
+    python bench/gpu.py --cpu-smoke     # the script's own check on CPU: tiny preset, 2 images
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import _common
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import refseg_core.ops
+from refseg_core.config import get_preset, replace
+from refseg_core.factory import build_encoder, build_proposer
+from refseg_core.instances import Instances
+from refseg_core.matching import Matcher
+from refseg_core.segmenter import PreparedTarget, Segmenter, prepare_target
+
+FLOOR_TFLOP = {"sam2_encoder": 1.77, "decoder_1024_prompts": 3.65, "dinov2_518": 1.01}
+TARGET_IMAGES_PER_S = 25.0
+# dense bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name()
+BF16_PEAK = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    bf16: bool = False
+    prompt_batch: int = 256
+    image_batch: int = 1
+    compile: bool = False
+
+    @property
+    def tolerance(self) -> float:
+        return 0.90 if self.bf16 else 0.98
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("fp32"),
+        Variant("bf16", bf16=True),
+        Variant("fp32-prompts1024", prompt_batch=1024),
+        Variant("fp32-images4", image_batch=4),
+        Variant("fp32-compile", compile=True),
+        Variant("bf16-all", bf16=True, prompt_batch=1024, image_batch=4, compile=True),
+    )
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def configured(seg: Segmenter, v: Variant) -> Iterator[None]:
+    """Set a variant's options on built models; restore them (and uncompile) on exit."""
+    method = seg.proposer.method
+    new = dataclasses.replace(method, autocast_bf16=v.bf16, prompt_batch=v.prompt_batch)
+    seg.proposer.method = seg.matcher.method = new
+    seg.matcher.encoder.autocast_bf16 = v.bf16
+    sam, dino = seg.proposer.model, seg.matcher.encoder.model
+    originals = (sam.image_encoder, sam.sam_mask_decoder.transformer, dino.blocks)
+    if v.compile:
+        sam.image_encoder = torch.compile(sam.image_encoder)
+        sam.sam_mask_decoder.transformer = torch.compile(sam.sam_mask_decoder.transformer)
+        dino.blocks = torch.compile(dino.blocks)
+    try:
+        yield
+    finally:
+        seg.proposer.method = seg.matcher.method = method
+        seg.matcher.encoder.autocast_bf16 = method.autocast_bf16
+        sam.image_encoder, sam.sam_mask_decoder.transformer, dino.blocks = originals
+
+
+def label_all(seg: Segmenter, targets: list[PreparedTarget], batch: int) -> list[Instances]:
+    out: list[Instances] = []
+    for i in range(0, len(targets), batch):
+        out += seg.label_prepared(targets[i : i + batch])
+    return out
+
+
+class StageClock:
+    """Wraps the method's steps with synchronised timers (for the breakdown pass only)."""
+
+    NAMES = ("sam2_encode", "sam2_decode", "dinov2", "match", "full_res_masks", "soft_merge")
+
+    def __init__(self, seg: Segmenter, device: torch.device) -> None:
+        self.seg, self.device = seg, device
+        self.seconds = dict.fromkeys(self.NAMES, 0.0)
+        self.proposals = 0
+
+    def _count(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            out = fn(*args, **kwargs)
+            self.proposals += sum(len(p) for p in out)
+            return out
+
+        return counted
+
+    def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            sync(self.device)
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync(self.device)
+            self.seconds[name] += time.perf_counter() - t0
+            return out
+
+        return timed
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        p, m, ops = self.seg.proposer, self.seg.matcher, refseg_core.ops
+        saved = ops.soft_merge_scores
+        p.propose = self._count(p.propose)  # type: ignore[method-assign]
+        p.encode = self._wrap("sam2_encode", p.encode)  # type: ignore[method-assign]
+        p.decode = self._wrap("sam2_decode", p.decode)  # type: ignore[method-assign]
+        m.target_features = self._wrap("dinov2", m.target_features)  # type: ignore[method-assign]
+        m.match = self._wrap("match", m.match)  # type: ignore[method-assign]
+        m._full_resolution = self._wrap("full_res_masks", m._full_resolution)  # type: ignore[method-assign]
+        ops.soft_merge_scores = self._wrap("soft_merge", ops.soft_merge_scores)
+        try:
+            yield
+        finally:
+            for obj, names in (
+                (p, ("propose", "encode", "decode")),
+                (m, ("target_features", "match", "_full_resolution")),
+            ):
+                for name in names:
+                    delattr(obj, name)
+            ops.soft_merge_scores = saved
+
+
+def count_flops(seg: Segmenter, target: PreparedTarget) -> dict[str, float]:
+    """TFLOP of one image: SAM2 encoder, SAM2 decoder (all prompts), DINOv2, total."""
+    from refseg_core.segmenter import stack_targets
+
+    batch = stack_targets([target])
+    out = {}
+    for name, fn in (
+        ("sam2_encoder", lambda: seg.proposer.encode(batch)),
+        ("sam2_total", lambda: seg.proposer.propose(batch, [target.valid_hw], [target.orig_hw])),
+        ("dinov2", lambda: seg.matcher.target_features(batch)),
+        ("total", lambda: seg.label_prepared([target])),
+    ):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+        out[name] = counter.get_total_flops() / 1e12
+    out["sam2_decoder"] = out.pop("sam2_total") - out["sam2_encoder"]
+    return out
+
+
+def compare(base: list[Instances], other: list[Instances], device: torch.device) -> dict:
+    """Greedy mask-IoU pairing within a category, per image; totals over the images."""
+    n_base = n_other = matched = 0
+    ious: list[float] = []
+    dscore: list[float] = []
+    for a, b in zip(base, other, strict=True):
+        n_base, n_other = n_base + len(a), n_other + len(b)
+        if not len(a) or not len(b):
+            continue
+        ma = torch.from_numpy(a.masks).to(device).flatten(1).float()
+        mb = torch.from_numpy(b.masks).to(device).flatten(1).float()
+        inter = ma @ mb.T
+        union = ma.sum(1)[:, None] + mb.sum(1)[None] - inter
+        iou = (inter / union.clamp(min=1)).cpu().numpy()
+        iou[a.category_ids[:, None] != b.category_ids[None]] = 0
+        used = np.zeros(len(b), bool)
+        for i in np.argsort(-a.scores, kind="stable"):
+            cand = np.where(used, -1.0, iou[i])
+            j = int(cand.argmax())
+            if cand[j] >= 0.5:
+                used[j] = True
+                matched += 1
+                ious.append(float(cand[j]))
+                dscore.append(abs(float(a.scores[i]) - float(b.scores[j])))
+    return {
+        "instances_base": n_base,
+        "instances": n_other,
+        "recall": matched / n_base if n_base else 1.0,
+        "precision": matched / n_other if n_other else 1.0,
+        "mean_iou": float(np.mean(ious)) if ious else (1.0 if n_base == n_other == 0 else 0.0),
+        "max_score_diff": max(dscore, default=0.0),
+    }
+
+
+def bf16_peak(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for key, v in BF16_PEAK if key in name), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--images", type=int, default=32, help="timed images per variant")
+    p.add_argument("--warmup", type=int, default=4, help="untimed images per variant first")
+    p.add_argument("--check-images", type=int, default=8, help="images compared with fp32")
+    p.add_argument("--profile-images", type=int, default=4, help="images of the breakdown")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--bf16", action="store_true", help="only fp32 and bf16")
+    p.add_argument("--classes", type=int, default=10, help="one-shot classes in the bank")
+    p.add_argument("--image-size", default="480x640", help="target image HxW")
+    p.add_argument("--weights", choices=["random", "official"], default="random")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (all variants)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the card")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny preset on CPU, 2 images")
+    p.add_argument("--out-dir", default=None, help="JSON folder (default bench/results)")
+    args = p.parse_args(argv)
+
+    if not torch.cuda.is_available() and not args.cpu_smoke:
+        print(
+            "bench/gpu.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine. "
+            "No figure was measured. (--cpu-smoke checks the script itself on CPU.)",
+            file=sys.stderr,
+        )
+        return 2
+    variants = ["fp32", "bf16"] if args.bf16 else list(dict.fromkeys(["fp32", *args.variants]))
+    if args.cpu_smoke:
+        args.images, args.warmup, args.check_images, args.profile_images = 2, 1, 2, 1
+        variants = [v for v in variants if not VARIANTS[v].compile]
+        preset = get_preset("tiny")
+        device = torch.device("cpu")
+    else:
+        preset = get_preset("ntt")
+        device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    hw = tuple(int(v) for v in args.image_size.lower().split("x"))
+    model = replace(preset.model, device=device.type, random_weights=args.weights == "random")
+    method = preset.method
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        encoder = build_encoder(model, method)
+        seg = Segmenter(
+            build_proposer(model, method),
+            Matcher(encoder, _common.synthetic_bank(encoder, args.classes), method),
+        )
+    rng = np.random.default_rng(1)
+    images = [
+        _common.synthetic_image(rng, hw)  # type: ignore[arg-type]
+        for _ in range(args.warmup + args.images)
+    ]
+    size = seg.proposer.input_size
+    targets = [prepare_target(im, size, method.resize) for im in images]
+    warm, timed_targets = targets[: args.warmup], targets[args.warmup :]
+    machine = _common.machine_info()
+    machine["allow_tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+    machine["allow_tf32_cudnn"] = torch.backends.cudnn.allow_tf32
+    flops = count_flops(seg, timed_targets[0])
+    floor = sum(FLOOR_TFLOP.values())
+    peak = bf16_peak(device, args.peak_tflops)
+    print(f"measured TFLOP/image (fp32): {flops}; issue's floor: {floor:.2f}", flush=True)
+
+    rows, base = [], None
+    for name in variants:
+        v = VARIANTS[name]
+        with configured(seg, v):
+            label_all(seg, warm, v.image_batch)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync(device)
+            t0 = time.perf_counter()
+            results = label_all(seg, timed_targets, v.image_batch)
+            sync(device)
+            seconds = time.perf_counter() - t0
+            clock = StageClock(seg, device)
+            with clock.installed():
+                label_all(seg, timed_targets[: args.profile_images], v.image_batch)
+        checked = results[: args.check_images]
+        base = checked if base is None else base
+        check = compare(base, checked, device)
+        ok = min(check["recall"], check["precision"], check["mean_iou"]) >= v.tolerance
+        ips = len(timed_targets) / seconds
+        row: dict[str, Any] = {
+            "variant": name,
+            "images_per_s": ips,
+            "ms_per_image": 1e3 / ips,
+            "tflops_measured": flops["total"] * ips,
+            "tflops_floor": floor * ips,
+            "pct_bf16_peak": 100 * floor * ips / peak if peak else "",
+            "gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
+            if device.type == "cuda"
+            else "",
+            "instances_per_image": np.mean([len(r) for r in results]),
+            "recall": check["recall"],
+            "precision": check["precision"],
+            "mean_iou": check["mean_iou"],
+            "within_tolerance": ok,
+        }
+        row["stage_ms_per_image"] = {
+            k: s / args.profile_images * 1e3 for k, s in clock.seconds.items()
+        }
+        row["proposals_per_image"] = clock.proposals / args.profile_images
+        row["check"] = check
+        rows.append(row)
+        print(f"  {name}: {ips:.2f} images/s, check ok={ok}", flush=True)
+    cols = [
+        "variant",
+        "images_per_s",
+        "ms_per_image",
+        "tflops_measured",
+        "tflops_floor",
+        "pct_bf16_peak",
+        "gpu_mem_gib",
+        "recall",
+        "precision",
+        "mean_iou",
+        "within_tolerance",
+    ]
+    print(
+        _common.table(
+            [
+                {
+                    "variant": r["variant"],
+                    "proposals_per_image": r["proposals_per_image"],
+                    "instances_per_image": r["instances_per_image"],
+                }
+                for r in rows
+            ]
+        )
+    )
+    print(_common.table(rows, cols))
+    print()
+    stage_rows = [{"variant": r["variant"], **r["stage_ms_per_image"]} for r in rows]
+    print("ms per image by step (synchronised timers, separate pass):")
+    print(_common.table(stage_rows))
+    best = max(r["images_per_s"] for r in rows)
+    print(
+        f"\nbest {best:.2f} images/s (target >= {TARGET_IMAGES_PER_S:.0f} per H100); "
+        f"device {machine['cuda'] or 'cpu'}"
+    )
+    path = _common.save_result(
+        "gpu_cpu_smoke" if args.cpu_smoke else "gpu",
+        {
+            "command": "python bench/gpu.py " + " ".join(argv or sys.argv[1:]),
+            "preset": preset.name,
+            "weights": args.weights,
+            "image_hw": hw,
+            "classes": args.classes,
+            "flops_tflop_per_image": flops,
+            "floor_tflop_per_image": FLOOR_TFLOP,
+            "bf16_peak_tflops": peak,
+            "target_images_per_s": TARGET_IMAGES_PER_S,
+            "rows": rows,
+            "machine": machine,
+        },
+        args.out_dir,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
