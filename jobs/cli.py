@@ -116,8 +116,14 @@ def _verbose_parent() -> argparse.ArgumentParser:
     return parent
 
 
-def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
-    """The ``refseg`` parser with one subparser per importable row of ``commands``."""
+def build_parser(
+    commands: Sequence[Command] = COMMANDS, *, only: str | None = None, lazy: bool = False
+) -> argparse.ArgumentParser:
+    """The ``refseg`` parser with one subparser per importable row of ``commands``.
+
+    With ``lazy``, only the module of the command ``only`` is imported (torch and Ray are
+    slow to import); the other commands get a subparser that carries their help line.
+    """
     parser = argparse.ArgumentParser(
         prog="refseg",
         description="Training-free reference-based instance segmentation (SAM2 + DINOv2).",
@@ -128,6 +134,9 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     parent = _verbose_parent()
     for cmd in commands:
+        if lazy and cmd.name != only:
+            sub.add_parser(cmd.name, help=cmd.help, parents=[parent])
+            continue
         module = _import(cmd.module)
         if module is None:
             continue
@@ -179,7 +188,9 @@ def _env_for(args: argparse.Namespace) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``refseg`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if a in {c.name for c in COMMANDS}), None)
+    parser = build_parser(only=chosen, lazy=True)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2)
