@@ -27,7 +27,8 @@ class PipelineSettings:
     On GPU clusters each actor takes one GPU (two pools share a lone GPU by halves): SAM2
     proposals get most GPUs since they carry ~85% of the FLOPs. On CPU, one actor per pool
     with fractional CPUs so that read, decode and write tasks always find a CPU (a 2-CPU
-    job whose actors take a whole CPU each hangs with no error).
+    job whose actors take a whole CPU each hangs with no error), and torch threads equal to
+    the CPUs (``torch_threads`` sets them).
     """
 
     decode_batch_size: int = 4
@@ -55,7 +56,9 @@ class PipelineSettings:
                 proposal, match, per, per, self.cpus_per_actor or 1.0, self.torch_threads, "cuda"
             )
         cpus = self.cpus_per_actor if self.cpus_per_actor is not None else 0.5
-        threads = self.torch_threads or max(1, int(cluster_cpus) // 2)
+        # Every core to each actor: SAM2 takes ~90% of the model time, so the matching
+        # actor mostly waits (2 CPUs, tiny preset: 46 s -> 35 s for 24 images; BENCHMARKS.md).
+        threads = self.torch_threads or max(1, int(cluster_cpus))
         return Resources(
             self.proposal_actors or 1, self.match_actors or 1, 0.0, 0.0, cpus, threads, "cpu"
         )
