@@ -80,11 +80,10 @@ def machine_info() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "loadavg_start": loadavg(),
     }
-    try:
-        import psutil
-
-        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:
+    try:  # psutil is not a dependency: read /proc/meminfo (Linux)
+        kib = Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0]
+        info["memory_gib"] = round(int(kib) / 2**20, 1)
+    except (OSError, IndexError, ValueError):
         pass
     return info
 

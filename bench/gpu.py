@@ -35,26 +35,15 @@ card's dense bf16 peak. Target: >= 25 images/s per H100.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import _common
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
-import refseg_core.ops
-from refseg_core.config import get_preset, replace
-from refseg_core.factory import build_encoder, build_proposer
-from refseg_core.instances import Instances
-from refseg_core.matching import Matcher
-from refseg_core.segmenter import PreparedTarget, Segmenter, prepare_target
 
 FLOOR_TFLOP = {"sam2_encoder": 1.77, "decoder_1024_prompts": 3.65, "dinov2_518": 1.01}
 TARGET_IMAGES_PER_S = 25.0
@@ -86,145 +75,6 @@ VARIANTS = {
         Variant("bf16-all", bf16=True, prompt_batch=1024, image_batch=4, compile=True),
     )
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def configured(seg: Segmenter, v: Variant) -> Iterator[None]:
-    """Set a variant's options on built models; restore them (and uncompile) on exit."""
-    method = seg.proposer.method
-    new = dataclasses.replace(method, autocast_bf16=v.bf16, prompt_batch=v.prompt_batch)
-    seg.proposer.method = seg.matcher.method = new
-    seg.matcher.encoder.autocast_bf16 = v.bf16
-    sam, dino = seg.proposer.model, seg.matcher.encoder.model
-    originals = (sam.image_encoder, sam.sam_mask_decoder.transformer, dino.blocks)
-    if v.compile:
-        sam.image_encoder = torch.compile(sam.image_encoder)
-        sam.sam_mask_decoder.transformer = torch.compile(sam.sam_mask_decoder.transformer)
-        dino.blocks = torch.compile(dino.blocks)
-    try:
-        yield
-    finally:
-        seg.proposer.method = seg.matcher.method = method
-        seg.matcher.encoder.autocast_bf16 = method.autocast_bf16
-        sam.image_encoder, sam.sam_mask_decoder.transformer, dino.blocks = originals
-
-
-def label_all(seg: Segmenter, targets: list[PreparedTarget], batch: int) -> list[Instances]:
-    out: list[Instances] = []
-    for i in range(0, len(targets), batch):
-        out += seg.label_prepared(targets[i : i + batch])
-    return out
-
-
-class StageClock:
-    """Wraps the method's steps with synchronised timers (for the breakdown pass only)."""
-
-    NAMES = ("sam2_encode", "sam2_decode", "dinov2", "match", "full_res_masks", "soft_merge")
-
-    def __init__(self, seg: Segmenter, device: torch.device) -> None:
-        self.seg, self.device = seg, device
-        self.seconds = dict.fromkeys(self.NAMES, 0.0)
-        self.proposals = 0
-
-    def _count(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            out = fn(*args, **kwargs)
-            self.proposals += sum(len(p) for p in out)
-            return out
-
-        return counted
-
-    def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            sync(self.device)
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            sync(self.device)
-            self.seconds[name] += time.perf_counter() - t0
-            return out
-
-        return timed
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        p, m, ops = self.seg.proposer, self.seg.matcher, refseg_core.ops
-        saved = ops.soft_merge_scores
-        p.propose = self._count(p.propose)  # type: ignore[method-assign]
-        p.encode = self._wrap("sam2_encode", p.encode)  # type: ignore[method-assign]
-        p.decode = self._wrap("sam2_decode", p.decode)  # type: ignore[method-assign]
-        m.target_features = self._wrap("dinov2", m.target_features)  # type: ignore[method-assign]
-        m.match = self._wrap("match", m.match)  # type: ignore[method-assign]
-        m._full_resolution = self._wrap("full_res_masks", m._full_resolution)  # type: ignore[method-assign]
-        ops.soft_merge_scores = self._wrap("soft_merge", ops.soft_merge_scores)
-        try:
-            yield
-        finally:
-            for obj, names in (
-                (p, ("propose", "encode", "decode")),
-                (m, ("target_features", "match", "_full_resolution")),
-            ):
-                for name in names:
-                    delattr(obj, name)
-            ops.soft_merge_scores = saved
-
-
-def count_flops(seg: Segmenter, target: PreparedTarget) -> dict[str, float]:
-    """TFLOP of one image: SAM2 encoder, SAM2 decoder (all prompts), DINOv2, total."""
-    from refseg_core.segmenter import stack_targets
-
-    batch = stack_targets([target])
-    out = {}
-    for name, fn in (
-        ("sam2_encoder", lambda: seg.proposer.encode(batch)),
-        ("sam2_total", lambda: seg.proposer.propose(batch, [target.valid_hw], [target.orig_hw])),
-        ("dinov2", lambda: seg.matcher.target_features(batch)),
-        ("total", lambda: seg.label_prepared([target])),
-    ):
-        counter = FlopCounterMode(display=False)
-        with counter:
-            fn()
-        out[name] = counter.get_total_flops() / 1e12
-    out["sam2_decoder"] = out.pop("sam2_total") - out["sam2_encoder"]
-    return out
-
-
-def compare(base: list[Instances], other: list[Instances], device: torch.device) -> dict:
-    """Greedy mask-IoU pairing within a category, per image; totals over the images."""
-    n_base = n_other = matched = 0
-    ious: list[float] = []
-    dscore: list[float] = []
-    for a, b in zip(base, other, strict=True):
-        n_base, n_other = n_base + len(a), n_other + len(b)
-        if not len(a) or not len(b):
-            continue
-        ma = torch.from_numpy(a.masks).to(device).flatten(1).float()
-        mb = torch.from_numpy(b.masks).to(device).flatten(1).float()
-        inter = ma @ mb.T
-        union = ma.sum(1)[:, None] + mb.sum(1)[None] - inter
-        iou = (inter / union.clamp(min=1)).cpu().numpy()
-        iou[a.category_ids[:, None] != b.category_ids[None]] = 0
-        used = np.zeros(len(b), bool)
-        for i in np.argsort(-a.scores, kind="stable"):
-            cand = np.where(used, -1.0, iou[i])
-            j = int(cand.argmax())
-            if cand[j] >= 0.5:
-                used[j] = True
-                matched += 1
-                ious.append(float(cand[j]))
-                dscore.append(abs(float(a.scores[i]) - float(b.scores[j])))
-    return {
-        "instances_base": n_base,
-        "instances": n_other,
-        "recall": matched / n_base if n_base else 1.0,
-        "precision": matched / n_other if n_other else 1.0,
-        "mean_iou": float(np.mean(ious)) if ious else (1.0 if n_base == n_other == 0 else 0.0),
-        "max_score_diff": max(dscore, default=0.0),
-    }
 
 
 def bf16_peak(device: torch.device, override: float | None) -> float | None:
@@ -260,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    from _gpu_run import StageClock, compare, configured, count_flops, label_all, sync
+
+    from refseg_core.config import get_preset, replace
+    from refseg_core.factory import build_encoder, build_proposer
+    from refseg_core.matching import Matcher
+    from refseg_core.segmenter import Segmenter, prepare_target
+
     variants = ["fp32", "bf16"] if args.bf16 else list(dict.fromkeys(["fp32", *args.variants]))
     if args.cpu_smoke:
         args.images, args.warmup, args.check_images, args.profile_images = 2, 1, 2, 1
@@ -292,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     machine["allow_tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
     machine["allow_tf32_cudnn"] = torch.backends.cudnn.allow_tf32
     flops = count_flops(seg, timed_targets[0])
-    floor = sum(FLOOR_TFLOP.values())
+    floor = sum(FLOOR_TFLOP.values()) if preset.name == "ntt" else None  # the paper's sizes
     peak = bf16_peak(device, args.peak_tflops)
-    print(f"measured TFLOP/image (fp32): {flops}; issue's floor: {floor:.2f}", flush=True)
+    print(f"measured TFLOP/image (fp32): {flops}; issue's floor: {floor}", flush=True)
 
     rows, base = [], None
     for name in variants:
@@ -321,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             "images_per_s": ips,
             "ms_per_image": 1e3 / ips,
             "tflops_measured": flops["total"] * ips,
-            "tflops_floor": floor * ips,
-            "pct_bf16_peak": 100 * floor * ips / peak if peak else "",
+            "tflops_floor": floor * ips if floor else "",
+            "pct_bf16_peak": 100 * floor * ips / peak if peak and floor else "",
             "gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
             if device.type == "cuda"
             else "",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smallest sizes (smoke run)")
     p.add_argument("--only", nargs="+", choices=[*CPU, "gpu"], help="run these only")
+    p.add_argument(
+        "--out-dir",
+        default=None,
+        help="JSON folder (default bench/results; with --quick a new temporary folder, so that "
+        "smoke figures never replace measured ones)",
+    )
     args = p.parse_args(argv)
+    out_dir = args.out_dir or (tempfile.mkdtemp(prefix="refseg-bench-") if args.quick else None)
     import torch
 
     names = list(args.only or CPU)
@@ -45,12 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for name in names:
         cmd = [sys.executable, str(HERE / f"{name}.py"), *(QUICK[name] if args.quick else [])]
+        cmd += ["--out-dir", out_dir] if out_dir else []
         print(f"\n=== {name} (load {_common.loadavg()}): {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, check=False).returncode
         print(f"=== {name}: exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
         if rc:
             failed.append(name)
+    print(f"\nresults in {out_dir or _common.RESULTS}")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
