@@ -17,8 +17,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import refseg_core.ops
+from refseg_core.imaging import PreparedTarget
 from refseg_core.instances import Instances
-from refseg_core.segmenter import PreparedTarget, Segmenter, stack_targets
+from refseg_core.segmenter import Segmenter
+from refseg_core.tensors import stack_targets
 
 __all__ = ["sync", "configured", "label_all", "StageClock", "count_flops", "compare"]
 

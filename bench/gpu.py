@@ -114,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from refseg_core.config import get_preset, replace
     from refseg_core.factory import build_encoder, build_proposer
+    from refseg_core.imaging import prepare_target
     from refseg_core.matching import Matcher
-    from refseg_core.segmenter import Segmenter, prepare_target
+    from refseg_core.segmenter import Segmenter
 
     variants = ["fp32", "bf16"] if args.bf16 else list(dict.fromkeys(["fp32", *args.variants]))
     if args.cpu_smoke:

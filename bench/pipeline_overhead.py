@@ -53,10 +53,10 @@ from pipeline.settings import PipelineSettings
 from pipeline.storage import resolve
 from refseg_core.config import get_preset, replace
 from refseg_core.factory import build_encoder, build_proposer
-from refseg_core.imaging import decode_image
+from refseg_core.imaging import decode_image, prepare_target
 from refseg_core.matching import Matcher
 from refseg_core.memory_bank import MemoryBank
-from refseg_core.segmenter import Segmenter, prepare_target
+from refseg_core.segmenter import Segmenter
 
 TARGET_RATIO = 0.9
 STAGES = ("decode", "propose", "match", "encode", "write")

@@ -34,9 +34,10 @@ from refseg_core import rle as rle_ops
 from refseg_core.coco import category_names, images_by_id, load_coco
 from refseg_core.config import ResizeMode
 from refseg_core.factory import build_proposer
-from refseg_core.imaging import lowres_to_original, resize_image, to_float_tensor
+from refseg_core.imaging import resize_image
 from refseg_core.proposals import Sam2Proposer
 from refseg_core.references import image_uri, read_image
+from refseg_core.tensors import lowres_to_original, to_float_tensor
 
 __all__ = [
     "BoxMaskSummary",

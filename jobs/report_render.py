@@ -40,7 +40,7 @@ def _font(size: int = 12) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 def read_image(uri: str) -> np.ndarray:
     """Read and decode ``uri`` (fsspec) to ``(H, W, 3)`` uint8 RGB, EXIF-oriented as the
     pipeline decodes it."""
-    from refseg_core.imaging import decode_image  # imports torch: only when drawing
+    from refseg_core.imaging import decode_image
 
     with fsspec.open(uri, "rb") as f:
         data = f.read()

@@ -9,9 +9,10 @@ from __future__ import annotations
 import ray.data
 from ray.data import ActorPoolStrategy
 
+from pipeline.decode import decode_batch
 from pipeline.outputs import write_parts
 from pipeline.settings import PipelineSettings, Resources
-from pipeline.stages import MatchStage, ProposalStage, decode_batch
+from pipeline.stages import MatchStage, ProposalStage
 from pipeline.storage import Location
 from refseg_core.config import MethodConfig, ModelConfig
 

@@ -1,7 +1,8 @@
-"""Thin Ray Data stages: decode columns, call refseg_core, encode columns.
+"""Thin Ray Data actor stages: decode columns, call refseg_core's models, encode columns.
 
-Each stage maps a ``dict[str, np.ndarray]`` batch to another. Method logic lives in
-refseg_core; a failure on one image becomes an error row, never a failed batch.
+The CPU decode task is in :mod:`pipeline.decode` (no torch there). Each stage maps a
+``dict[str, np.ndarray]`` batch to another. Method logic lives in refseg_core; a failure
+on one image becomes an error row, never a failed batch.
 """
 
 from __future__ import annotations
@@ -15,61 +16,20 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.decode import error_text
 from pipeline.schema import Col
 from refseg_core.config import MethodConfig, ModelConfig
 from refseg_core.factory import build_encoder, build_proposer
-from refseg_core.imaging import decode_image
+from refseg_core.imaging import PreparedTarget
 from refseg_core.matching import Matcher
 from refseg_core.memory_bank import MemoryBank
 from refseg_core.proposals import Proposals
-from refseg_core.segmenter import PreparedTarget, prepare_target, stack_targets
+from refseg_core.tensors import stack_targets
 
-__all__ = ["decode_batch", "ProposalStage", "MatchStage", "error_text"]
+__all__ = ["ProposalStage", "MatchStage"]
 
 log = logging.getLogger(__name__)
 Batch = dict[str, np.ndarray]
-
-
-def error_text(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if isinstance(exc, ValueError) else f"{type(exc).__name__}: {text}"
-
-
-def decode_batch(batch: Batch, *, size: int, resize: str, max_pixels: int) -> Batch:
-    """Bytes -> SAM2 input squares. CPU task. Undecodable files become error rows."""
-    n = len(batch[Col.IMAGE_ID])
-    squares = np.zeros((n, size, size, 3), dtype=np.uint8)
-    cols: dict[str, list[Any]] = {k: [] for k in (Col.VALID_H, Col.VALID_W, Col.HEIGHT)}
-    cols.update({Col.WIDTH: [], Col.STATUS: [], Col.ERROR: [], Col.T_DECODE: []})
-    for i in range(n):
-        t0 = time.perf_counter()
-        uri = str(batch[Col.IMAGE_URI][i])
-        try:
-            fetch_error = batch[Col.ERROR][i] if Col.ERROR in batch else ""
-            if fetch_error:
-                raise ValueError(str(fetch_error))
-            data = batch[Col.BYTES][i]
-            img = decode_image(bytes(data), uri=uri, max_pixels=max_pixels)
-            prep = prepare_target(img, size, resize)  # type: ignore[arg-type]
-            squares[i] = prep.square
-            vals = (*prep.valid_hw, *prep.orig_hw, "ok", "")
-        except Exception as exc:
-            vals = (0, 0, 0, 0, "error", error_text(exc))
-        for key, v in zip(
-            (Col.VALID_H, Col.VALID_W, Col.HEIGHT, Col.WIDTH, Col.STATUS, Col.ERROR),
-            vals,
-            strict=True,
-        ):
-            cols[key].append(v)
-        cols[Col.T_DECODE].append(time.perf_counter() - t0)
-    out: Batch = {
-        Col.IMAGE_ID: np.asarray(batch[Col.IMAGE_ID], dtype=np.int64),
-        Col.IMAGE_URI: np.asarray(batch[Col.IMAGE_URI], dtype=object),
-        Col.SQUARE: squares,
-    }
-    for key, vals_ in cols.items():
-        out[key] = np.asarray(vals_, dtype=object if key in (Col.STATUS, Col.ERROR) else None)
-    return out
 
 
 def _targets(batch: Batch, rows: np.ndarray) -> list[PreparedTarget]:

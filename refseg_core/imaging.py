@@ -1,4 +1,7 @@
-"""Image decoding and the geometric helpers of the method (resize, context crop, tensors).
+"""Image decoding and the geometric helpers of the method (resize, context crop).
+
+This module does not import torch, so CPU decode tasks start fast; the tensor side
+(upsampling, float conversion) is in :mod:`refseg_core.tensors`.
 
 Conventions used throughout:
 
@@ -20,27 +23,28 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from refseg_core.config import ResizeMode
 
+if TYPE_CHECKING:  # torch is imported only where tensors are made (refseg_core.tensors)
+    import torch
+
 __all__ = [
     "DEFAULT_FORMATS",
     "ImageDecodeError",
+    "PreparedTarget",
     "ResizeInfo",
     "context_crop_box",
-    "crop_valid",
     "decode_image",
     "longest_side_hw",
-    "lowres_to_original",
+    "prepare_target",
     "resize_image",
     "resize_longest_side",
     "resize_square",
-    "to_float_tensor",
 ]
 
 #: Raster formats ``decode_image`` accepts, detected from the bytes (never from the name).
@@ -293,57 +297,6 @@ def resize_image(img: np.ndarray, size: int, mode: ResizeMode) -> tuple[np.ndarr
     raise ValueError(f"resize mode must be 'square' or 'longest-side', got {mode!r}")
 
 
-def crop_valid(lowres: torch.Tensor, info: ResizeInfo) -> torch.Tensor:
-    """The part of a low-res map of the input square that covers the image.
-
-    Args:
-        lowres: (..., h, w) map of the whole ``size`` x ``size`` input (e.g. SAM's 256 x 256
-            mask logits).
-
-    Returns:
-        A view ``lowres[..., :ch, :cw]`` with ``ch = ceil(valid_h * h / size)`` (likewise
-        ``cw``): every low-res pixel that overlaps the image. When the valid edge falls
-        inside a low-res pixel, that pixel is kept whole, so upsampling the crop to the
-        original size stretches it by less than one low-res pixel; ``lowres_to_original``
-        maps exactly instead.
-    """
-    h, w = int(lowres.shape[-2]), int(lowres.shape[-1])
-    vh, vw = info.valid_hw
-    ch, cw = -(-vh * h // info.size), -(-vw * w // info.size)
-    return lowres[..., :ch, :cw]
-
-
-def lowres_to_original(lowres: torch.Tensor, info: ResizeInfo) -> torch.Tensor:
-    """Bilinear (align_corners=False) resampling of (N, h, w) input-square maps to the image.
-
-    ``"square"``: ``F.interpolate`` straight to the original size, as the paper's code does.
-    ``"longest-side"``: each original pixel centre is mapped to its exact position in the
-    low-res map: one interpolation, no size x size intermediate (SAM's predictor instead
-    upsamples to size x size, crops the valid part and resizes again). As with any bilinear
-    resampling, pixels at the valid edge blend in the neighbouring padded low-res pixel.
-
-    Returns:
-        (N, H, W) float32 at ``info.orig_hw``, on the input's device.
-    """
-    if lowres.ndim != 3:
-        raise ValueError(f"lowres must be (N, h, w), got shape {tuple(lowres.shape)}")
-    oh, ow = info.orig_hw
-    if lowres.shape[0] == 0:
-        return torch.zeros((0, oh, ow), dtype=torch.float32, device=lowres.device)
-    x = lowres[:, None].float()
-    if info.valid_hw == (info.size, info.size):
-        return F.interpolate(x, size=(oh, ow), mode="bilinear", align_corners=False)[:, 0]
-    vh, vw = info.valid_hw
-    dev = x.device
-    # normalised grid_sample coordinates (-1 = left edge of the map) of original pixel centres
-    gy = (torch.arange(oh, device=dev, dtype=torch.float64) + 0.5) * (2 * vh / (oh * info.size))
-    gx = (torch.arange(ow, device=dev, dtype=torch.float64) + 0.5) * (2 * vw / (ow * info.size))
-    grid = torch.stack(torch.meshgrid(gx - 1, gy - 1, indexing="xy"), dim=-1).float()
-    grid = grid[None].expand(x.shape[0], -1, -1, -1)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out[:, 0]
-
-
 # ----------------------------------------------------------------------------- crops, tensors
 
 
@@ -390,9 +343,26 @@ def context_crop_box(
     return cx0, cy0, cx1, cy1
 
 
-def to_float_tensor(img: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) contiguous float32 in [0, 1] (values / 255)."""
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) uint8 image, got {img.dtype} {img.shape}")
-    chw = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
-    return chw.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+# ----------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class PreparedTarget:
+    """A target resized for SAM2: (S, S, 3) uint8 square plus where the image lies in it."""
+
+    square: np.ndarray
+    valid_hw: tuple[int, int]
+    orig_hw: tuple[int, int]
+
+
+def prepare_target(image: np.ndarray, size: int, mode: ResizeMode = "square") -> PreparedTarget:
+    """Resize an (H, W, 3) uint8 RGB image to the SAM2 input square (PIL bicubic).
+
+    ``square`` stretches to size x size (the paper); ``longest-side`` keeps the aspect
+    ratio and pads bottom/right with zeros (SAM2's predictor).
+    """
+    orig = (int(image.shape[0]), int(image.shape[1]))
+    if mode == "square":
+        return PreparedTarget(resize_square(image, size), (size, size), orig)
+    square, valid = resize_longest_side(image, size)
+    return PreparedTarget(square, (int(valid[0]), int(valid[1])), orig)

@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from refseg_core import ops
 from refseg_core.config import MethodConfig
 from refseg_core.features import DinoEncoder
-from refseg_core.imaging import ResizeInfo, lowres_to_original
+from refseg_core.imaging import ResizeInfo
 from refseg_core.instances import Instances
 from refseg_core.memory_bank import MemoryBank
 from refseg_core.proposals import Proposals
+from refseg_core.tensors import lowres_to_original
 
 __all__ = ["Matcher"]
 

@@ -23,7 +23,8 @@ from safetensors.torch import save as st_save
 
 from refseg_core import ops
 from refseg_core.features import DinoEncoder
-from refseg_core.imaging import context_crop_box, to_float_tensor
+from refseg_core.imaging import context_crop_box
+from refseg_core.tensors import to_float_tensor
 
 __all__ = ["MemoryBank", "ShotRecord", "TinyMaskError", "encode_shot"]
 

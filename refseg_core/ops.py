@@ -10,7 +10,6 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import batched_nms
 
 __all__ = [
     "point_grid",
@@ -90,6 +89,8 @@ def classwise_nms(
     """
     if boxes.shape[0] == 0:
         return torch.zeros((0,), dtype=torch.long, device=boxes.device)
+    from torchvision.ops import batched_nms  # imported here: torchvision costs ~2 s to import
+
     keep = batched_nms(boxes.float(), ranking.float(), labels, iou_threshold)
     return keep[:max_keep]
 
@@ -110,13 +111,22 @@ def bilinear_operator(in_size: int, out_size: int, *, device=None, dtype=torch.f
     return _operator_cpu(in_size, out_size).to(device=device, dtype=dtype)
 
 
-def pool_features(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+#: Masks converted to float per step of ``pool_features``: keeps the float copy small
+#: (4 MiB at 256x256) and in cache instead of one (N, H, W) float32 array.
+POOL_CHUNK = 16
+
+
+def pool_features(
+    features: torch.Tensor, masks: torch.Tensor, *, chunk: int = POOL_CHUNK
+) -> torch.Tensor:
     """Mean of bilinearly upsampled features inside each mask, at patch resolution.
 
     Equal (up to float rounding) to upsampling ``features`` to the masks' size and
     averaging inside each mask (``pool_features_naive``), without materialising the
     (H, W, D) map: the mean is a weighted sum of patch features with weights
-    ``Uy.T @ M @ Ux`` (the transpose of the upsampling applied to the mask).
+    ``Uy.T @ M @ Ux`` (the transpose of the upsampling applied to the mask). Masks are
+    converted to float ``chunk`` at a time into one reused buffer; the mask areas come out
+    of the same product (a row of ones appended to ``Uy.T``), so they are exact counts.
 
     Args:
         features: (h, w, D) patch features.
@@ -127,14 +137,24 @@ def pool_features(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """
     h, w, d = features.shape
     n, mh, mw = masks.shape
-    dtype = features.dtype
-    uy = bilinear_operator(h, mh, device=features.device, dtype=dtype)  # (H, h)
-    ux = bilinear_operator(w, mw, device=features.device, dtype=dtype)  # (W, w)
-    m = masks.to(dtype)
-    weights = uy.T @ m @ ux  # (N, h, w)
-    area = m.sum(dim=(1, 2)).clamp(min=1)
+    dtype, dev = features.dtype, features.device
+    uy = bilinear_operator(h, mh, device=dev, dtype=dtype)  # (H, h)
+    ux = bilinear_operator(w, mw, device=dev, dtype=dtype)  # (W, w)
+    uy1 = torch.cat([uy, torch.ones((mh, 1), device=dev, dtype=dtype)], dim=1).T  # (h+1, H)
+    weights = torch.empty((n, h, w), device=dev, dtype=dtype)
+    area = torch.empty((n,), device=dev, dtype=dtype)
+    convert = masks.dtype != dtype
+    buf = torch.empty((min(chunk, n), mh, mw), device=dev, dtype=dtype) if convert else None
+    for s in range(0, n, chunk):
+        k = min(chunk, n - s)
+        m = masks[s : s + k]
+        if buf is not None:
+            m = buf[:k].copy_(m)
+        rows = uy1 @ m  # (k, h+1, W): contracted over H; the last row sums each column
+        area[s : s + k] = rows[:, h].sum(dim=1)
+        weights[s : s + k] = rows[:, :h] @ ux  # (k, h, w)
     pooled = weights.reshape(n, h * w) @ features.reshape(h * w, d)
-    return pooled / area[:, None]
+    return pooled / area.clamp(min=1)[:, None]
 
 
 def pool_features_naive(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

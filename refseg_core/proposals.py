@@ -13,10 +13,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sam2.utils.transforms import SAM2Transforms
 
 from refseg_core import ops
 from refseg_core.config import MethodConfig
+
+#: SAM2's input normalisation (ImageNet mean and std, as ``sam2.utils.transforms``'s
+#: ``SAM2Transforms`` sets them). Copied as numbers because importing that module pulls in
+#: torchvision (about 2 s per worker process); tests/test_proposals.py checks they agree.
+SAM2_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+SAM2_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 __all__ = ["Proposals", "Sam2Proposer"]
 
@@ -120,10 +125,9 @@ class Sam2Proposer:
         self.model = model
         self.method = method
         self.input_size = int(model.image_size)
-        t = SAM2Transforms(resolution=self.input_size, mask_threshold=0.0)
         self.device = next(model.parameters()).device
-        self._mean = torch.tensor(t.mean, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(t.std, device=self.device).view(1, 3, 1, 1)
+        self._mean = torch.tensor(SAM2_MEAN, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(SAM2_STD, device=self.device).view(1, 3, 1, 1)
 
     def _autocast(self):
         return torch.autocast(

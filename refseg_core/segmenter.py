@@ -8,45 +8,16 @@ and small jobs use.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from refseg_core.config import ResizeMode
-from refseg_core.imaging import resize_longest_side, resize_square, to_float_tensor
+from refseg_core.imaging import PreparedTarget, prepare_target
 from refseg_core.instances import Instances
 from refseg_core.matching import Matcher
 from refseg_core.proposals import Sam2Proposer
+from refseg_core.tensors import stack_targets
 
-__all__ = ["PreparedTarget", "prepare_target", "stack_targets", "Segmenter"]
-
-
-@dataclass(frozen=True)
-class PreparedTarget:
-    """A target resized for SAM2: (S, S, 3) uint8 square plus where the image lies in it."""
-
-    square: np.ndarray
-    valid_hw: tuple[int, int]
-    orig_hw: tuple[int, int]
-
-
-def prepare_target(image: np.ndarray, size: int, mode: ResizeMode = "square") -> PreparedTarget:
-    """Resize an (H, W, 3) uint8 RGB image to the SAM2 input square (PIL bicubic).
-
-    ``square`` stretches to size x size (the paper); ``longest-side`` keeps the aspect
-    ratio and pads bottom/right with zeros (SAM2's predictor).
-    """
-    orig = (int(image.shape[0]), int(image.shape[1]))
-    if mode == "square":
-        return PreparedTarget(resize_square(image, size), (size, size), orig)
-    square, valid = resize_longest_side(image, size)
-    return PreparedTarget(square, (int(valid[0]), int(valid[1])), orig)
-
-
-def stack_targets(targets: Sequence[PreparedTarget]) -> torch.Tensor:
-    """(B, 3, S, S) float32 in [0, 1]."""
-    return torch.stack([to_float_tensor(t.square) for t in targets])
+__all__ = ["Segmenter"]
 
 
 class Segmenter:

@@ -22,14 +22,12 @@ from refseg_core.imaging import (
     ImageDecodeError,
     ResizeInfo,
     context_crop_box,
-    crop_valid,
     decode_image,
-    lowres_to_original,
     resize_image,
     resize_longest_side,
     resize_square,
-    to_float_tensor,
 )
+from refseg_core.tensors import crop_valid, lowres_to_original, to_float_tensor
 
 RNG = np.random.default_rng(0)
 

@@ -29,3 +29,30 @@ def test_core_sources_have_no_ray_import_lines():
         for line in path.read_text().splitlines():
             s = line.strip()
             assert not (s.startswith("import ray") or s.startswith("from ray")), (path, line)
+
+
+def _imported_after(modules: list[str]) -> set[str]:
+    code = (
+        "import sys, importlib\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "print(' '.join(sorted(k.split('.')[0] for k in sys.modules)))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return set(r.stdout.split())
+
+
+def test_cpu_task_stages_do_not_import_torch():
+    """Decode, read and write tasks start fast: their modules never import torch."""
+    loaded = _imported_after(["pipeline.decode", "pipeline.outputs", "pipeline.sources"])
+    assert "pipeline" in loaded and "PIL" in loaded
+    assert not loaded & {"torch", "torchvision", "timm", "sam2"}, loaded & {"torch", "sam2"}
+
+
+def test_proposal_stage_does_not_import_torchvision_or_timm():
+    """The SAM2 actor imports torch and sam2 only (torchvision/timm cost seconds each)."""
+    loaded = _imported_after(["pipeline.stages", "refseg_core.factory"])
+    assert "torch" in loaded
+    assert not loaded & {"torchvision", "timm"}

@@ -121,6 +121,22 @@ def test_patch_pooling_equals_upsample_then_average(h, H, D, N):
     assert torch.allclose(ops.pool_features_naive(feats, masks), fast, atol=1e-10)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 16, 64])
+@pytest.mark.parametrize("float_masks", [False, True])
+def test_patch_pooling_chunks_and_mask_dtypes_agree(chunk, float_masks):
+    """Every chunk size (incl. a partial last chunk) and float masks give the same result."""
+    torch.manual_seed(0)
+    feats = torch.randn(5, 7, 6, dtype=torch.float64)
+    masks = torch.rand(20, 40, 23) > 0.6
+    masks[3] = False
+    want = ops.pool_features_naive(feats, masks)
+    m = masks.double() if float_masks else masks
+    got = ops.pool_features(feats, m, chunk=chunk)
+    assert got.shape == (20, 6) and torch.allclose(got, want, atol=1e-10)
+    assert torch.equal(got[3], torch.zeros(6, dtype=torch.float64))
+    assert ops.pool_features(feats, masks[:0], chunk=chunk).shape == (0, 6)
+
+
 def test_cosine_scores_clamped_at_zero():
     f = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [1.0, 1.0]])
     p = torch.tensor([[2.0, 0.0], [0.0, 1.0]])

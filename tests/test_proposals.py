@@ -65,3 +65,12 @@ def test_transport_form_is_exact_after_upsampling():
     discs = torch.stack([r**2 - (xx - 32) ** 2 - (yy - 30) ** 2 for r in (5.0, 12.0, 25.0)])
     p = Proposals(discs, torch.rand(3), torch.rand(3, 2), 256, (256, 256), (9, 9))
     assert len(p.to_bytes()) < discs.numel() * 4 / 5
+
+
+def test_normalisation_constants_are_sam2s_own():
+    from sam2.utils.transforms import SAM2Transforms
+
+    from refseg_core.proposals import SAM2_MEAN, SAM2_STD
+
+    t = SAM2Transforms(resolution=64, mask_threshold=0.0)
+    assert list(SAM2_MEAN) == list(t.mean) and list(SAM2_STD) == list(t.std)

@@ -21,11 +21,12 @@ from refseg_core import ops
 from refseg_core import rle as rle_ops
 from refseg_core.coco import evaluate
 from refseg_core.config import MethodConfig
-from refseg_core.imaging import longest_side_hw
+from refseg_core.imaging import longest_side_hw, prepare_target
 from refseg_core.matching import Matcher
 from refseg_core.proposals import Sam2Proposer
 from refseg_core.references import build_memory_bank
-from refseg_core.segmenter import Segmenter, prepare_target, stack_targets
+from refseg_core.segmenter import Segmenter
+from refseg_core.tensors import stack_targets
 
 # category id -> (name, colour); ids are deliberately not 0..C-1
 CLASSES = {3: ("red", (220, 50, 50)), 17: ("green", (40, 180, 60)), 90: ("blue", (50, 80, 220))}
