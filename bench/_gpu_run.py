@@ -34,7 +34,12 @@ def sync(device: torch.device) -> None:
 def configured(seg: Segmenter, v: Any) -> Iterator[None]:
     """Set a variant's options on built models; restore them (and uncompile) on exit."""
     method = seg.proposer.method
-    new = dataclasses.replace(method, autocast_bf16=v.bf16, prompt_batch=v.prompt_batch)
+    new = dataclasses.replace(
+        method,
+        autocast_bf16=v.bf16,
+        prompt_batch=v.prompt_batch,
+        merge_resolution="lowres" if v.lowres_merge else "full",
+    )
     seg.proposer.method = seg.matcher.method = new
     seg.matcher.encoder.autocast_bf16 = v.bf16
     sam, dino = seg.proposer.model, seg.matcher.encoder.model

@@ -12,6 +12,8 @@ copy back to the host. Every variant runs on the same prepared images after warm
   fp32-images4      4 images per call through both encoders
   fp32-compile      torch.compile of the SAM2 image encoder, the mask decoder's transformer
                     and the DINOv2 blocks
+  fp32-lowres       MethodConfig.merge_resolution="lowres": soft merging on the 256x256
+                    masks, only the kept top-100 upsampled to the image size
   bf16-all          all of the above together
 
 Each variant's instances are compared with float32's on the first ``--check-images`` images:
@@ -58,6 +60,7 @@ class Variant:
     prompt_batch: int = 256
     image_batch: int = 1
     compile: bool = False
+    lowres_merge: bool = False
 
     @property
     def tolerance(self) -> float:
@@ -72,7 +75,10 @@ VARIANTS = {
         Variant("fp32-prompts1024", prompt_batch=1024),
         Variant("fp32-images4", image_batch=4),
         Variant("fp32-compile", compile=True),
-        Variant("bf16-all", bf16=True, prompt_batch=1024, image_batch=4, compile=True),
+        Variant("fp32-lowres", lowres_merge=True),
+        Variant(
+            "bf16-all", bf16=True, prompt_batch=1024, image_batch=4, compile=True, lowres_merge=True
+        ),
     )
 }
 

@@ -44,6 +44,8 @@ _METHOD_HELP = {
     "merge_power": "exponent of (1 - IoS) in soft merging",
     "score_threshold": "drop instances scoring at or below this",
     "autocast_bf16": "run both backbones under bf16 autocast (GPU speed option)",
+    "merge_resolution": "full: soft-merge at image size (the paper); lowres: merge the "
+    "256x256 masks, upsample only the kept top-k (speed and memory option)",
 }
 
 
@@ -66,7 +68,11 @@ def _add_fields(group: argparse._ArgumentGroup, cls: type, helps: dict[str, str]
         group.add_argument(flag(f.name), type=typ, choices=choices, help=help_, **kw)
 
 
-_LITERALS = {"resize": ("square", "longest-side"), "box_convention": ("ntt", "standard")}
+_LITERALS = {
+    "resize": ("square", "longest-side"),
+    "box_convention": ("ntt", "standard"),
+    "merge_resolution": ("full", "lowres"),
+}
 
 
 def add_config_arg(parser: argparse.ArgumentParser) -> None:

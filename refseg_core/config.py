@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 ResizeMode = Literal["square", "longest-side"]
 BoxConvention = Literal["ntt", "standard"]
+MergeResolution = Literal["full", "lowres"]
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,11 @@ class MethodConfig:
     max_instances: int = 100
     score_threshold: float = 0.0
     box_convention: BoxConvention = "ntt"
-    # speed options (off by default: the paper runs float32)
+    # speed options (off by default: the paper runs float32 and merges at full resolution)
     autocast_bf16: bool = False
+    # "lowres": soft merging on the 256x256 proposal masks, then only the kept top-k are
+    # upsampled to the image size (the paper upsamples every NMS survivor first)
+    merge_resolution: MergeResolution = "full"
 
     def __post_init__(self) -> None:
         if self.points_per_side < 1:
@@ -66,6 +70,10 @@ class MethodConfig:
             raise ValueError(f"prompt_batch must be >= 1, got {self.prompt_batch}")
         if self.resize not in ("square", "longest-side"):
             raise ValueError(f"resize must be 'square' or 'longest-side', got {self.resize!r}")
+        if self.merge_resolution not in ("full", "lowres"):
+            raise ValueError(
+                f"merge_resolution must be 'full' or 'lowres', got {self.merge_resolution!r}"
+            )
         if self.box_convention not in ("ntt", "standard"):
             raise ValueError(
                 f"box_convention must be 'ntt' or 'standard', got {self.box_convention!r}"

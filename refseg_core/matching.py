@@ -12,9 +12,12 @@ from refseg_core.imaging import ResizeInfo
 from refseg_core.instances import Instances
 from refseg_core.memory_bank import MemoryBank
 from refseg_core.proposals import Proposals
-from refseg_core.tensors import lowres_to_original
+from refseg_core.tensors import crop_valid, lowres_to_original
 
 __all__ = ["Matcher"]
+
+#: Low-res logits upsampled to the image size per step (float32 peak: 16 masks' worth).
+UPSAMPLE_CHUNK = 16
 
 
 class Matcher:
@@ -89,14 +92,16 @@ class Matcher:
         logits, iou, scores, labels = logits[keep], iou[keep], scores[keep], labels[keep]
         feats = ops.normalize(pooled[keep])
 
-        masks = self._full_resolution(logits, props)
+        lowres_merge = m.merge_resolution == "lowres"
+        masks = None if lowres_merge else self._full_resolution(logits, props)
         if m.soft_merge:
-            scores = ops.soft_merge_scores(masks, feats, labels, scores, m.merge_power)
+            merge_masks = self._valid_lowres(lowres[keep], props) if lowres_merge else masks
+            scores = ops.soft_merge_scores(merge_masks, feats, labels, scores, m.merge_power)
         order = torch.argsort(scores, descending=True, stable=True)
         if m.score_threshold > 0:  # none by default: merged-away instances may score 0
             order = order[scores[order] > m.score_threshold]
         order = order[: m.max_instances]
-        masks = masks[order]
+        masks = self._full_resolution(logits[order], props) if masks is None else masks[order]
         return Instances(
             image_size=(oh, ow),
             boxes=ops.masks_to_boxes(masks, inclusive=inclusive).cpu().numpy(),
@@ -106,12 +111,24 @@ class Matcher:
             masks=masks.cpu().numpy(),
         )
 
+    @staticmethod
+    def _valid_lowres(lowres: torch.Tensor, props: Proposals) -> torch.Tensor:
+        """The low-res masks' part that covers the image (all of it for square inputs)."""
+        info = ResizeInfo(props.orig_hw, props.input_size, "longest-side", props.valid_hw)
+        return crop_valid(lowres, info)
+
     def _full_resolution(self, logits: torch.Tensor, props: Proposals) -> torch.Tensor:
         """(K, h, w) low-res logits to (K, H, W) bool masks at the original size.
 
         Square inputs go straight from the low-res logits to the original size (the
         paper); longest-side inputs map each original pixel into the valid region exactly.
+        The float upsampling runs ``UPSAMPLE_CHUNK`` masks at a time, so only the bool
+        result is held whole.
         """
         mode = "square" if props.valid_hw == (props.input_size,) * 2 else "longest-side"
         info = ResizeInfo(props.orig_hw, props.input_size, mode, props.valid_hw)
-        return lowres_to_original(logits, info) > self.method.mask_threshold
+        out = torch.empty((logits.shape[0], *props.orig_hw), dtype=torch.bool, device=self.device)
+        for s in range(0, logits.shape[0], UPSAMPLE_CHUNK):
+            part = lowres_to_original(logits[s : s + UPSAMPLE_CHUNK], info)
+            out[s : s + UPSAMPLE_CHUNK] = part > self.method.mask_threshold
+        return out

@@ -186,6 +186,23 @@ def upsample_masks(logits: torch.Tensor, size: tuple[int, int], threshold: float
     return up[:, 0] > threshold
 
 
+#: Pixels per step when counting mask overlaps: bounds the float copy of k masks to
+#: k x 2**18 values, and each step's counts are exact in float32 (<= 2**24).
+OVERLAP_CHUNK = 2**18
+
+
+def _overlaps(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, P) bool masks -> (k, k) intersection counts and (k,) areas, float64, exact."""
+    k, p = flat.shape
+    inter = torch.zeros((k, k), dtype=torch.float64, device=flat.device)
+    area = torch.zeros((k,), dtype=torch.float64, device=flat.device)
+    for s in range(0, p, OVERLAP_CHUNK):
+        m = flat[:, s : s + OVERLAP_CHUNK].to(torch.float32)
+        inter += (m @ m.T).double()
+        area += m.sum(dim=1).double()
+    return inter, area
+
+
 def soft_merge_scores(
     masks: torch.Tensor,
     features: torch.Tensor,
@@ -216,10 +233,8 @@ def soft_merge_scores(
         idx = torch.nonzero(labels == label).flatten()
         if idx.numel() < 2:
             continue
-        m = flat[idx].to(torch.float32)
-        inter = m @ m.T  # (k, k) |M_i ∩ M_j|
-        area = m.sum(dim=1).clamp(min=1)
-        ios = inter / area[:, None]
+        inter, area = _overlaps(flat[idx])
+        ios = (inter / area.clamp(min=1)[:, None]).float()
         sim = (fnorm[idx] @ fnorm[idx].T).clamp(0.0, 1.0)
         earlier = torch.ones_like(ios, dtype=torch.bool).tril(diagonal=-1)  # j < i
         val = torch.where(earlier, ios * sim, torch.zeros_like(ios)).amax(dim=1).clamp(0.0, 1.0)

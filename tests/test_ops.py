@@ -167,8 +167,10 @@ def _soft_merge_reference(masks, feats, labels, scores, power):
     return out
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_soft_merge_matches_plain_transcription(seed):
+@pytest.mark.parametrize(("seed", "chunk"), [(0, 2**18), (1, 2**18), (2, 2**18), (0, 7), (1, 144)])
+def test_soft_merge_matches_plain_transcription(seed, chunk, monkeypatch):
+    """Also with the overlap counts summed over pixel chunks (7: a partial last chunk)."""
+    monkeypatch.setattr(ops, "OVERLAP_CHUNK", chunk)
     g = torch.Generator().manual_seed(seed)
     n = 9
     masks = torch.rand(n, 12, 12, generator=g) > 0.5

@@ -175,7 +175,11 @@ def _box_iou(a, b) -> float:
 
 
 def reference_match(logits, iou, features, prototypes, orig_hw, method):
-    """§4.2-§4.7 transcribed. Returns [(category index, score, full-res mask, box, iou)]."""
+    """§4.2-§4.7 transcribed. Returns [(category index, score, full-res mask, box, iou)].
+
+    With ``method.merge_resolution == "lowres"`` (refseg's option, not the paper's), §4.6
+    measures IoS on the low-res masks ``logits > 0`` instead of the full-resolution ones.
+    """
     inclusive = method.box_convention == "ntt"
     n, h, w = logits.shape
     up = F.interpolate(features.permute(2, 0, 1)[None], size=(h, w), mode="bilinear")[0]
@@ -201,12 +205,15 @@ def reference_match(logits, iou, features, prototypes, orig_hw, method):
     for c in kept:
         up_logits = F.interpolate(logits[c["i"]][None, None], size=orig_hw, mode="bilinear")
         c["mask"] = up_logits[0, 0] > 0
+    lowres = method.merge_resolution == "lowres"
     for pos, c in enumerate(kept):  # soft merging in NMS order, within each class
         ios = 0.0
+        mc = logits[c["i"]] > 0 if lowres else c["mask"]
         for k in kept[:pos]:
             if k["label"] != c["label"]:
                 continue
-            inter = float((c["mask"] & k["mask"]).sum()) / float(c["mask"].sum())
+            mk = logits[k["i"]] > 0 if lowres else k["mask"]
+            inter = float((mc & mk).sum()) / float(mc.sum())
             cos = min(1.0, max(0.0, float((c["f"] * k["f"]).sum())))
             ios = max(ios, inter * cos)
         c["merged"] = c["score"] * (1.0 - ios) ** method.merge_power
@@ -248,22 +255,27 @@ def _features(prototypes, seed, g=6):
 
 
 @pytest.mark.parametrize(
-    ("box_convention", "max_nms", "max_instances", "soft_merge", "seed"),
+    ("box_convention", "max_nms", "max_instances", "soft_merge", "seed", "merge_at"),
     [
-        ("ntt", 800, 100, True, 0),
-        ("standard", 800, 100, True, 1),
-        ("standard", 6, 100, True, 2),
-        ("ntt", 800, 4, True, 3),
-        ("standard", 800, 100, False, 4),
+        ("ntt", 800, 100, True, 0, "full"),
+        ("standard", 800, 100, True, 1, "full"),
+        ("standard", 6, 100, True, 2, "full"),
+        ("ntt", 800, 4, True, 3, "full"),
+        ("standard", 800, 100, False, 4, "full"),
+        ("ntt", 800, 100, True, 0, "lowres"),
+        ("standard", 800, 5, True, 1, "lowres"),
     ],
 )
-def test_matching_matches_transcription(box_convention, max_nms, max_instances, soft_merge, seed):
+def test_matching_matches_transcription(
+    box_convention, max_nms, max_instances, soft_merge, seed, merge_at
+):
     bank = _bank({90: 2, 3: 1, 17: 3}, dim=16, seed=seed)
     method = MethodConfig(
         box_convention=box_convention,
         max_nms=max_nms,
         max_instances=max_instances,
         soft_merge=soft_merge,
+        merge_resolution=merge_at,
     )
     matcher = Matcher(colour_dino_encoder(PALETTE, DINO_SIZE), bank, method)
     logits, iou = _random_proposals(seed, 24)
@@ -283,6 +295,29 @@ def test_matching_matches_transcription(box_convention, max_nms, max_instances, 
         assert np.array_equal(got.masks[k], mask.numpy())
         assert got.boxes[k].tolist() == box
         assert float(got.proposal_iou[k]) == pytest.approx(pred_iou, abs=1e-7)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lowres_merging_stays_close_to_the_paper(seed):
+    """The speed option changes only the IoS of §4.6: same instances, scores within 0.05."""
+    bank = _bank({90: 2, 3: 1, 17: 3}, dim=16, seed=seed)
+    logits, iou = _random_proposals(seed, 24)
+    orig_hw = (90, 140)
+    props = Proposals(logits, iou, torch.zeros(len(iou), 2), 128, (128, 128), orig_hw)
+    feats = _features(bank.class_prototypes(), seed)
+    enc = colour_dino_encoder(PALETTE, DINO_SIZE)
+    full = Matcher(enc, bank, MethodConfig()).match(props, feats)
+    low = Matcher(enc, bank, MethodConfig(merge_resolution="lowres")).match(props, feats)
+    assert len(full) == len(low) > 5
+
+    def key(inst, k):
+        return (int(inst.category_ids[k]), inst.masks[k].tobytes())
+
+    by_mask = {key(full, k): float(full.scores[k]) for k in range(len(full))}
+    assert {key(low, k) for k in range(len(low))} == set(by_mask)
+    diffs = [abs(float(low.scores[k]) - by_mask[key(low, k)]) for k in range(len(low))]
+    assert max(diffs) < 0.05
+    assert sum(d > 0 for d in diffs) > 0  # the IoS did differ somewhere: a real comparison
 
 
 def test_matching_exercises_nms_and_merging():

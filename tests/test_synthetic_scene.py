@@ -181,9 +181,13 @@ def bank(scene, encoder):
     return build_memory_bank(encoder, scene.references, "", load_image=scene.images.__getitem__)
 
 
-def _segmenter(encoder, bank, resize) -> Segmenter:
+def _segmenter(encoder, bank, resize, merge_resolution="full") -> Segmenter:
     method = MethodConfig(
-        points_per_side=GRID, prompt_batch=64, box_convention="standard", resize=resize
+        points_per_side=GRID,
+        prompt_batch=64,
+        box_convention="standard",
+        resize=resize,
+        merge_resolution=merge_resolution,
     )
     sam = ShapeSam(CLASS_COLOURS + BACKGROUNDS, image_size=SAM_SIZE).eval()
     return Segmenter(Sam2Proposer(sam, method), Matcher(encoder, bank, method))
@@ -199,9 +203,12 @@ def test_bank_has_one_shot_per_class_with_its_own_axis(bank):
     assert float(off_diagonal.max()) < 0  # other classes' colours point away
 
 
-@pytest.mark.parametrize("resize", ["square", "longest-side"])
-def test_synthetic_scene_ap(scene, encoder, bank, resize):
-    segmenter = _segmenter(encoder, bank, resize)
+@pytest.mark.parametrize(
+    ("resize", "merge_resolution"),
+    [("square", "full"), ("longest-side", "full"), ("longest-side", "lowres")],
+)
+def test_synthetic_scene_ap(scene, encoder, bank, resize, merge_resolution):
+    segmenter = _segmenter(encoder, bank, resize, merge_resolution)
     files = {im["id"]: im["file_name"] for im in scene.targets["images"]}
     ids = list(files)
     instances = segmenter([scene.images[files[i]] for i in ids])
