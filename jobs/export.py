@@ -42,6 +42,7 @@ from pipeline.outputs import IMAGES_DIR, INSTANCES_DIR, finished_parts
 from pipeline.run_record import read_run_record
 from pipeline.storage import Location, resolve
 from refseg_core import rle as rle_ops
+from refseg_core.coco import write_json_array
 from refseg_core.polygon import mask_polygon
 
 __all__ = [
@@ -236,13 +237,6 @@ def _write_yolo(out: Location, dest: Path, th: Thresholds, cats: dict[int, str],
     return s
 
 
-def _json_array(f, items: Iterator[Any]) -> None:
-    f.write("[")
-    for k, item in enumerate(items):
-        f.write((",\n" if k else "\n") + json.dumps(item))
-    f.write("\n]")
-
-
 def _write_coco(out: Location, dest: Path, th: Thresholds, cats: dict[int, str]):
     s = ExportSummary("coco", str(dest))
 
@@ -281,9 +275,9 @@ def _write_coco(out: Location, dest: Path, th: Thresholds, cats: dict[int, str])
     with open(dest / "annotations.json", "w", encoding="utf-8") as f:
         f.write(f'{{"info": {json.dumps(info)}, "categories": {json.dumps(categories)}, ')
         f.write('"images": ')
-        _json_array(f, images())
+        write_json_array(f.write, images())
         f.write(', "annotations": ')
-        _json_array(f, annotations())
+        write_json_array(f.write, annotations())
         f.write("}\n")
     return s
 
@@ -312,7 +306,7 @@ def _write_label_studio(out: Location, dest: Path, th: Thresholds, cats: dict[in
             yield {"data": data, "predictions": [pred]}
 
     with open(dest / "tasks.json", "w", encoding="utf-8") as f:
-        _json_array(f, tasks())
+        write_json_array(f.write, tasks())
         f.write("\n")
     labels = "\n".join(f"    <Label value={quoteattr(n)}/>" for n in cats.values())
     (dest / "label_config.xml").write_text(

@@ -18,7 +18,7 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from pipeline.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, Col
 from pipeline.storage import Location
+from refseg_core.coco import write_json_array
 
 __all__ = ["write_parts", "finished_parts", "done_image_ids", "remove_orphans", "write_coco"]
 
@@ -150,17 +151,6 @@ def _open_text(loc: Location):
     return loc.fs.open_output_stream(loc.path)
 
 
-class _JsonArrayWriter:
-    """Writes ``[item, item, ...]`` to a stream item by item."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream, self.first = stream, True
-
-    def add(self, item: Any) -> None:
-        self.stream.write((b"" if self.first else b",\n") + json.dumps(item).encode())
-        self.first = False
-
-
 def _annotation_rows(out: Location) -> Iterator[dict[str, Any]]:
     for table in iter_tables(out, INSTANCES_DIR):
         for r in table.to_pylist():
@@ -180,36 +170,34 @@ def _annotation_rows(out: Location) -> Iterator[dict[str, Any]]:
 def write_coco(out: Location, categories: list[dict[str, Any]]) -> dict[str, int]:
     """Assemble coco_results.json and coco_dataset.json by streaming over the parts."""
     t0 = time.perf_counter()
-    n_results = 0
     with _open_text(out.child("coco_results.json")) as f:
-        f.write(b"[")
-        w = _JsonArrayWriter(f)
-        for row in _annotation_rows(out):
-            w.add(row)
-            n_results += 1
-        f.write(b"]\n")
-    n_images = 0
-    with _open_text(out.child("coco_dataset.json")) as f:
-        f.write(b'{"info": {"description": "refseg labels"}, "categories": ')
-        f.write(json.dumps(categories).encode())
-        f.write(b', "images": [')
-        w = _JsonArrayWriter(f)
+        n_results = write_json_array(_utf8(f), _annotation_rows(out))
+        f.write(b"\n")
+
+    def images() -> Iterator[dict[str, Any]]:
         for table in iter_tables(out, IMAGES_DIR):
             for r in table.to_pylist():
-                if r[Col.STATUS] != "ok":
-                    continue
-                w.add(
-                    {
+                if r[Col.STATUS] == "ok":
+                    yield {
                         "id": int(r[Col.IMAGE_ID]),
                         "file_name": r[Col.IMAGE_URI],
                         "width": int(r[Col.WIDTH]),
                         "height": int(r[Col.HEIGHT]),
                     }
-                )
-                n_images += 1
-        f.write(b'], "annotations": [')
-        w = _JsonArrayWriter(f)
-        for k, row in enumerate(_annotation_rows(out), start=1):
-            w.add({"id": k, "iscrowd": 0, **row})
-        f.write(b"]}\n")
+
+    with _open_text(out.child("coco_dataset.json")) as f:
+        write = _utf8(f)
+        write('{"info": {"description": "refseg labels"}, "categories": ')
+        write(json.dumps(categories))
+        write(', "images": ')
+        n_images = write_json_array(write, images())
+        write(', "annotations": ')
+        rows = _annotation_rows(out)
+        write_json_array(write, ({"id": k, "iscrowd": 0, **r} for k, r in enumerate(rows, 1)))
+        write("}\n")
     return {"results": n_results, "images": n_images, "seconds": time.perf_counter() - t0}
+
+
+def _utf8(stream: Any) -> Callable[[str], Any]:
+    """``write(text)`` for a binary output stream."""
+    return lambda text: stream.write(text.encode("utf-8"))

@@ -6,6 +6,7 @@ path without scheme, so Ray Data's readers and our writers see the same thing.
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 from dataclasses import dataclass
@@ -45,9 +46,9 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/"), *parts) if base else posixpath.join(*parts)
 
 
-def _s3(endpoint: str | None) -> pafs.S3FileSystem:
+@functools.lru_cache(maxsize=16)
+def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
     kwargs: dict = {}
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
     if region:
         kwargs["region"] = region
     if endpoint:
@@ -56,8 +57,14 @@ def _s3(endpoint: str | None) -> pafs.S3FileSystem:
         kwargs["scheme"] = parsed.scheme or "http"
         kwargs.setdefault("region", "us-east-1")
     # Credentials come from the environment/instance profile through pyarrow's own chain;
-    # they are never copied into configs, logs or run.json.
+    # they are never copied into configs, logs or run.json. One filesystem per endpoint
+    # and process (cached): fetch tasks resolve every image URI.
     return pafs.S3FileSystem(**kwargs)
+
+
+@functools.lru_cache(maxsize=1)
+def _gcs() -> pafs.GcsFileSystem:
+    return pafs.GcsFileSystem()
 
 
 def resolve(uri: str, *, s3_endpoint: str | None = None) -> Location:
@@ -69,9 +76,10 @@ def resolve(uri: str, *, s3_endpoint: str | None = None) -> Location:
         return Location(pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path)), "")
     path = (parsed.netloc + parsed.path).rstrip("/")
     if scheme in ("s3", "s3a"):
-        return Location(_s3(s3_endpoint or endpoint_from_env()), path, "s3")
+        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+        return Location(_s3(s3_endpoint or endpoint_from_env(), region), path, "s3")
     if scheme in ("gs", "gcs"):
-        return Location(pafs.GcsFileSystem(), path, "gs")
+        return Location(_gcs(), path, "gs")
     raise ValueError(
         f"unsupported URI scheme {scheme!r} in {uri!r}: use a local path, s3://, or gs://"
     )

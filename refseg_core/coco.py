@@ -13,7 +13,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -34,6 +34,7 @@ __all__ = [
     "load_coco",
     "load_references",
     "load_results",
+    "write_json_array",
     "write_results",
 ]
 
@@ -176,19 +177,35 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot write {type(obj)!r} to JSON")
 
 
-def _write_items(results: Iterable[Mapping[str, Any]], f: IO[str]) -> int:
+def write_json_array(write: Callable[[str], Any], items: Iterable[Any]) -> int:
+    """Stream a JSON array, one item per line, through ``write``; returns the item count.
+
+    The one JSON writer of refseg's outputs (COCO results and datasets, exports), so a
+    corpus-sized file is never held in memory. numpy scalars and arrays are accepted; a NaN
+    or infinite number raises ``ValueError`` naming the item (strict JSON has neither).
+    """
     n = 0
-    f.write("[")
-    for item in results:
+    write("[")
+    for item in items:
         try:
             text = json.dumps(item, allow_nan=False, default=_json_default)
         except ValueError as e:
-            brief = {k: v for k, v in item.items() if k != "segmentation"}
-            raise ValueError(f"result {n} has a NaN or infinite number: {brief}") from e
-        f.write(",\n" if n else "\n")
-        f.write(text)
+            brief = (
+                {k: v for k, v in item.items() if k != "segmentation"}
+                if isinstance(item, Mapping)
+                else item
+            )
+            raise ValueError(f"item {n} has a NaN or infinite number: {brief}") from e
+        write(",\n" if n else "\n")
+        write(text)
         n += 1
-    f.write("\n]\n" if n else "]\n")
+    write("\n]" if n else "]")
+    return n
+
+
+def _write_items(results: Iterable[Mapping[str, Any]], f: IO[str]) -> int:
+    n = write_json_array(f.write, results)
+    f.write("\n")
     return n
 
 

@@ -295,3 +295,15 @@ def test_format_eval() -> None:
     row = next(line for line in lines if "toothbrush" in line)
     assert row.split()[0] == "90"
     assert next(line for line in lines if "airplane" in line).endswith("n/a")
+
+
+def test_write_json_array_streams_valid_json():
+    import io as _io
+
+    for items in ([], [{"a": 1}], [{"a": np.float32(0.5), "b": np.arange(2)}, [1, 2], "x"]):
+        buf = _io.StringIO()
+        assert coco.write_json_array(buf.write, iter(items)) == len(items)
+        got = json.loads(buf.getvalue())
+        assert got == json.loads(json.dumps(items, default=lambda o: o.tolist()))
+    with pytest.raises(ValueError, match="item 1 has a NaN"):
+        coco.write_json_array(_io.StringIO().write, [{"score": 1.0}, {"score": float("nan")}])
