@@ -124,6 +124,21 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) 
     return "\n".join([line, sep, *body])
 
 
+def finish(
+    script: str,
+    name: str,
+    payload: dict[str, Any],
+    argv: Sequence[str] | None,
+    out_dir: str | Path | None,
+) -> int:
+    """A script's last step: record the command that reproduces it, save, say where."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python", f"bench/{Path(script).name}", *args])
+    path = save_result(name, {"command": command, **payload}, out_dir)
+    print(f"wrote {path}")
+    return 0
+
+
 def save_result(name: str, payload: dict[str, Any], out_dir: str | Path | None = None) -> Path:
     """Write ``payload`` plus the machine's load at the end to ``<out_dir>/<name>.json``."""
     folder = Path(out_dir) if out_dir else RESULTS

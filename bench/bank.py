@@ -139,10 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         f"\npaper: {PAPER_BYTES_PER_SHOT / 1e6:.2f} MB per shot (37x37x1024 float32); "
         f"encoder {encoder.name} at {encoder.image_size}px; load {_common.loadavg()}"
     )
-    path = _common.save_result(
+    return _common.finish(
+        __file__,
         "bank",
         {
-            "command": "python bench/bank.py " + " ".join(argv or sys.argv[1:]),
             "preset": args.preset,
             "encoder": encoder.name,
             "encoder_image_size": encoder.image_size,
@@ -151,10 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             "rows": rows,
             "machine": machine,
         },
+        argv,
         args.out_dir,
     )
-    print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -238,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         f"\nbest {best:.2f} images/s (target >= {TARGET_IMAGES_PER_S:.0f} per H100); "
         f"device {machine['cuda'] or 'cpu'}"
     )
-    path = _common.save_result(
+    return _common.finish(
+        __file__,
         "gpu_cpu_smoke" if args.cpu_smoke else "gpu",
         {
-            "command": "python bench/gpu.py " + " ".join(argv or sys.argv[1:]),
             "preset": preset.name,
             "weights": args.weights,
             "image_hw": hw,
@@ -253,10 +253,9 @@ def main(argv: list[str] | None = None) -> int:
             "rows": rows,
             "machine": machine,
         },
+        argv,
         args.out_dir,
     )
-    print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,13 +7,13 @@
 * ``lowres`` (``MethodConfig.merge_resolution="lowres"``): soft merging measures IoS on
   the 256x256 masks; only the kept top 100 are upsampled.
 
-Inputs: DINOv2 ViT-L/14 features at 518 (random weights, on a synthetic image) and a bank
-of ``--classes`` one-shot classes built by the same encoder; ``--proposals`` random
-ellipse logits at 256x256 with SAM-like predicted IoUs. For each original image size the
-script reports ms per image (median of ``--repeats``), the peak growth of this process's
-resident memory during the call (sampled every 2 ms), and how far ``lowres`` is from
-``full``: the share of instances (category and full-resolution mask) both keep and the
-largest score difference among them.
+Inputs (``--preset ntt``): DINOv2 ViT-L/14 features at 518 (random weights, on a
+synthetic image) and a bank of ``--classes`` one-shot classes built by the same encoder;
+``--proposals`` random ellipse logits at 256x256 with SAM-like predicted IoUs. For each
+original image size the script reports ms per image (median of ``--repeats``), the peak
+growth of this process's resident memory during the call (sampled every 2 ms), and how far
+``lowres`` is from ``full``: the share of instances (category and full-resolution mask)
+both keep and the largest score difference among them.
 
     python bench/matching.py                                   # 480x640 and 1024x1365
     python bench/matching.py --sizes 2048x2730 --proposals 1000
@@ -100,13 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", nargs="+", default=["480x640", "1024x1365"], help="image HxW")
     p.add_argument("--proposals", type=int, nargs="+", default=[300, 1000])
     p.add_argument("--classes", type=int, default=10, help="one-shot classes in the bank")
+    p.add_argument("--preset", default="ntt", help="ntt (the paper's sizes) or tiny (smoke)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out-dir", default=None, help="JSON folder (default bench/results)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    preset = get_preset("ntt")
+    preset = get_preset(args.preset)
     model = replace(preset.model, random_weights=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = _common.machine_info()
     rows = []
     for n in args.proposals:
-        logits = random_logits(n)
+        logits = random_logits(n, model.sam2_image_size // 4)  # SAM2's low-res mask size
         iou = 0.4 + 0.6 * torch.rand(n, generator=torch.Generator().manual_seed(n))
         for size in args.sizes:
             hw = tuple(int(v) for v in size.lower().split("x"))
@@ -141,18 +142,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {n} proposals, {size}: done", flush=True)
     print(_common.table(rows))
     print(f"\nload {_common.loadavg()}; torch threads {torch.get_num_threads()}")
-    path = _common.save_result(
+    return _common.finish(
+        __file__,
         "matching",
         {
-            "command": "python bench/matching.py " + " ".join(argv or sys.argv[1:]),
             "classes": args.classes,
+            "preset": args.preset,
             "rows": rows,
             "machine": machine,
         },
+        argv,
         args.out_dir,
     )
-    print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

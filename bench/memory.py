@@ -217,10 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     print(_common.table(rows))
     worst = max(r["ratio"] for r in rows)
     print(f"\nhighest ratio {worst:.3f} (target <= {TARGET_RATIO}); load {_common.loadavg()}")
-    path = _common.save_result(
+    return _common.finish(
+        __file__,
         "memory",
         {
-            "command": "python bench/memory.py " + " ".join(argv or sys.argv[1:]),
             "target_ratio": TARGET_RATIO,
             "image_hw": hw,
             "cpus": args.cpus,
@@ -228,10 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             "rows": rows,
             "machine": machine,
         },
+        argv,
         args.out_dir,
     )
-    print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

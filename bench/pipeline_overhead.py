@@ -300,10 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         f"importing pipeline.stages in a fresh process {imports:.1f} s; "
         f"load now {_common.loadavg()}"
     )
-    path = _common.save_result(
+    return _common.finish(
+        __file__,
         "pipeline_overhead",
         {
-            "command": "python bench/pipeline_overhead.py " + " ".join(argv or sys.argv[1:]),
             "target_ratio": TARGET_RATIO,
             "ratio": statistics.median(ratios),
             "ratios": ratios,
@@ -320,10 +320,9 @@ def main(argv: list[str] | None = None) -> int:
             "stage_rows": stage_rows,
             "machine": machine,
         },
+        argv,
         args.out_dir,
     )
-    print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -81,18 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     print(_common.table(rows))
     worst = min(r["ratio"] for r in rows)
     print(f"\nlowest ratio {worst:.1f}x (target >= {TARGET_RATIO:.0f}x); load {_common.loadavg()}")
-    path = _common.save_result(
+    return _common.finish(
+        __file__,
         "pooling",
         {
-            "command": "python bench/pooling.py " + " ".join(argv or sys.argv[1:]),
             "target_ratio": TARGET_RATIO,
             "rows": rows,
             "machine": machine,
         },
+        argv,
         args.out_dir,
     )
-    print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

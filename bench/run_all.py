@@ -26,9 +26,10 @@ QUICK = {
     "bank": ["--classes", "1", "2", "--shots", "1", "2", "--image-size", "120x160"],
     "memory": ["--n", "2", "--factor", "4", "--image-size", "120x160"],
     "pipeline_overhead": ["--n", "6", "--image-size", "120x160"],
+    "matching": ["--preset", "tiny", "--classes", "2", "--proposals", "50", "--sizes", "120x160"],
     "gpu": ["--images", "8", "--warmup", "2", "--bf16"],
 }
-CPU = ("pooling", "bank", "pipeline_overhead", "memory")
+CPU = ("pooling", "matching", "bank", "pipeline_overhead", "memory")
 
 
 def main(argv: list[str] | None = None) -> int:

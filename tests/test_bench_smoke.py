@@ -49,12 +49,25 @@ def _check_bank(result: dict) -> None:
         assert r["ntt_bytes_per_shot"] < result["paper_bytes_per_shot"] / 100
 
 
+def _check_matching(result: dict) -> None:
+    (row,) = result["rows"]
+    assert (row["proposals"], row["image_hw"]) == (40, "60x80")
+    assert row["full_ms"] > 0 and row["lowres_ms"] > 0 and row["instances"] > 0
+    assert 0.5 <= row["same_instances"] <= 1.0 and row["max_score_diff"] < 0.1
+
+
 CASES = [
     (
         "pooling.py",
         ["--grid", "6", "--dim", "32", "--mask-size", "24", "--n", "7", "--repeats", "1"],
         "pooling.json",
         _check_pooling,
+    ),
+    (
+        "matching.py",
+        ["--preset", "tiny", "--classes", "2", "--proposals", "40", "--sizes", "60x80"],
+        "matching.json",
+        _check_matching,
     ),
     (
         "bank.py",
