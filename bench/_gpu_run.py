@@ -17,6 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import refseg_core.ops
+from refseg_core.factory import compile_dinov2, compile_sam2
 from refseg_core.imaging import PreparedTarget
 from refseg_core.instances import Instances
 from refseg_core.segmenter import Segmenter
@@ -45,9 +46,8 @@ def configured(seg: Segmenter, v: Any) -> Iterator[None]:
     sam, dino = seg.proposer.model, seg.matcher.encoder.model
     originals = (sam.image_encoder, sam.sam_mask_decoder.transformer, dino.blocks)
     if v.compile:
-        sam.image_encoder = torch.compile(sam.image_encoder)
-        sam.sam_mask_decoder.transformer = torch.compile(sam.sam_mask_decoder.transformer)
-        dino.blocks = torch.compile(dino.blocks)
+        compile_sam2(sam)
+        compile_dinov2(dino)
     try:
         yield
     finally:

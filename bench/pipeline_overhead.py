@@ -23,7 +23,7 @@ Ray Data's execution stats (total remote wall time of the write tasks). Stage ti
 wall times inside each stage: in the pipeline the stages overlap, so they do not add up
 to the job's time. ``--pipeline`` runs several pipeline settings against the same bare loop.
 
-    python bench/pipeline_overhead.py                     # 24 images of 480x640
+    python bench/pipeline_overhead.py                     # 120 images of 480x640
     python bench/pipeline_overhead.py --n 64 --pipeline default torch_threads=1
     python bench/pipeline_overhead.py --bare-threads 2 1 --rounds 2
 """
@@ -184,7 +184,9 @@ def parse_settings(spec: str) -> PipelineSettings:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--n", type=int, default=24, help="images")
+    p.add_argument(
+        "--n", type=int, default=120, help="images (a ratio from one run of a real job size)"
+    )
     p.add_argument("--image-size", default="480x640", help="image HxW")
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPU budget of both")
     p.add_argument(

@@ -34,6 +34,7 @@ PIPELINE_FLAGS: dict[str, tuple[type, str]] = {
     "decode_cpus": (float, "CPUs per fetch/decode task"),
     "write_cpus": (float, "CPUs per write task"),
     "torch_threads": (int, "torch threads per CPU actor"),
+    "match_torch_threads": (int, "torch threads of the matching actor (default: as above)"),
     "max_pixels": (int, "images with more pixels are error rows (decompression bombs)"),
 }
 _JOB_FLAGS: dict[str, tuple[type, str]] = {

@@ -77,7 +77,7 @@ def build_graph(
             "model": actor_model,
             "method": method,
             "bank_bytes": bank_bytes,
-            "torch_threads": resources.torch_threads,
+            "torch_threads": resources.match_torch_threads,
         },
         compute=ActorPoolStrategy(size=resources.match_actors),
         batch_size=settings.match_batch_size,

@@ -79,9 +79,24 @@ def ensure_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = No
         ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False)
 
 
+def _changed(obj: Any, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config's fields that differ from their defaults (so a new field keeps old runs)."""
+    return {
+        f.name: getattr(obj, f.name)
+        for f in dataclasses.fields(obj)
+        if f.name not in ignore and getattr(obj, f.name) != f.default
+    }
+
+
 def _config_fingerprint(job: LabelJob, bank_sha: str) -> str:
-    cfg = {"model": dataclasses.asdict(job.model), "method": dataclasses.asdict(job.method)}
-    cfg["model"].pop("device", None)
+    """What decides the labels: settings that differ from the defaults, and the bank.
+
+    Where and how fast the models run (device, torch.compile) is left out.
+    """
+    cfg: dict[str, Any] = {
+        "model": _changed(job.model, ignore=("device", "compile")),
+        "method": _changed(job.method),
+    }
     cfg["bank_sha256"] = bank_sha
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 

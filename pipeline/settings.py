@@ -18,6 +18,7 @@ class Resources:
     cpus_per_actor: float
     torch_threads: int | None
     device: str
+    match_torch_threads: int | None = None  # None: as torch_threads
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class PipelineSettings:
     decode_cpus: float = 0.25
     write_cpus: float = 0.25
     torch_threads: int | None = None
+    match_torch_threads: int | None = None
     max_pixels: int = 178_956_970  # PIL's own decompression-bomb limit (2x its warning size)
 
     def resolve(self, cluster_gpus: float, cluster_cpus: float) -> Resources:
@@ -53,12 +55,26 @@ class PipelineSettings:
             match = self.match_actors or max(1, round(gpus / per / 5))
             proposal = self.proposal_actors or max(1, int(gpus / per) - match)
             return Resources(
-                proposal, match, per, per, self.cpus_per_actor or 1.0, self.torch_threads, "cuda"
+                proposal,
+                match,
+                per,
+                per,
+                self.cpus_per_actor or 1.0,
+                self.torch_threads,
+                "cuda",
+                self.match_torch_threads or self.torch_threads,
             )
         cpus = self.cpus_per_actor if self.cpus_per_actor is not None else 0.5
         # Every core to each actor: SAM2 takes ~90% of the model time, so the matching
         # actor mostly waits (2 CPUs, tiny preset: 46 s -> 35 s for 24 images; BENCHMARKS.md).
         threads = self.torch_threads or max(1, int(cluster_cpus))
         return Resources(
-            self.proposal_actors or 1, self.match_actors or 1, 0.0, 0.0, cpus, threads, "cpu"
+            self.proposal_actors or 1,
+            self.match_actors or 1,
+            0.0,
+            0.0,
+            cpus,
+            threads,
+            "cpu",
+            self.match_torch_threads or threads,
         )

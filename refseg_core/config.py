@@ -33,6 +33,9 @@ class ModelConfig:
     random_weights: bool = False
     sam2_image_size: int = 1024
     dinov2_image_size: int = 518
+    # torch.compile of the heavy modules (GPU speed option; results equal within float
+    # tolerance, bench/gpu.py's fp32-compile checks that)
+    compile: bool = False
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from refseg_core.features import DinoEncoder
 from refseg_core.models import build_dinov2, build_sam2
 from refseg_core.proposals import Sam2Proposer
 
-__all__ = ["resolve_device", "build_proposer", "build_encoder"]
+__all__ = ["resolve_device", "build_proposer", "build_encoder", "compile_sam2", "compile_dinov2"]
 
 # Random weights are drawn from this seed so that a memory bank and a labelling run made
 # with --random-weights use the same (random) encoder: the plumbing then still matches.
@@ -23,6 +23,17 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def compile_sam2(sam: torch.nn.Module) -> None:
+    """torch.compile SAM2's image encoder and mask decoder transformer, in place."""
+    sam.image_encoder = torch.compile(sam.image_encoder)
+    sam.sam_mask_decoder.transformer = torch.compile(sam.sam_mask_decoder.transformer)
+
+
+def compile_dinov2(vit: torch.nn.Module) -> None:
+    """torch.compile the transformer blocks of a timm ViT, in place."""
+    vit.blocks = torch.compile(vit.blocks)
+
+
 def build_proposer(model: ModelConfig, method: MethodConfig) -> Sam2Proposer:
     if model.random_weights:
         torch.manual_seed(RANDOM_WEIGHTS_SEED)
@@ -33,6 +44,8 @@ def build_proposer(model: ModelConfig, method: MethodConfig) -> Sam2Proposer:
         image_size=model.sam2_image_size,
         random_weights=model.random_weights,
     )
+    if model.compile:
+        compile_sam2(loaded.model)
     proposer = Sam2Proposer(loaded.model, method)
     proposer.checkpoint_sha256 = loaded.sha256  # type: ignore[attr-defined]
     return proposer
@@ -48,4 +61,6 @@ def build_encoder(model: ModelConfig, method: MethodConfig) -> DinoEncoder:
         image_size=model.dinov2_image_size,
         random_weights=model.random_weights,
     )
+    if model.compile:
+        compile_dinov2(loaded.model)
     return DinoEncoder(loaded, model.dinov2_image_size, autocast_bf16=method.autocast_bf16)

@@ -321,6 +321,22 @@ def test_pipeline_settings_precedence(tmp_path):
     assert set(PIPELINE_FLAGS) == {f for f in PipelineSettings.__dataclass_fields__}
 
 
+def test_cpu_resources_threads_per_pool():
+    from pipeline.settings import PipelineSettings
+
+    r = PipelineSettings().resolve(cluster_gpus=0, cluster_cpus=2)
+    assert (r.device, r.torch_threads, r.match_torch_threads) == ("cpu", 2, 2)
+    r = PipelineSettings(match_torch_threads=1).resolve(cluster_gpus=0, cluster_cpus=4)
+    assert (r.torch_threads, r.match_torch_threads, r.cpus_per_actor) == (4, 1, 0.5)
+    r = PipelineSettings().resolve(cluster_gpus=8, cluster_cpus=64)
+    assert (r.device, r.proposal_actors, r.match_actors, r.gpus_per_proposal_actor) == (
+        "cuda",
+        6,
+        2,
+        1.0,
+    )
+
+
 # --------------------------------------------------------------------------- evaluate
 
 

@@ -5,6 +5,7 @@ Local Ray with 2 CPUs, the tiny preset with random weights, moto's S3 server on 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -152,6 +153,34 @@ def test_rerun_processes_only_new_images(local_run, tiny_setup):
     t = _table(str(out), "images")
     ids = t.column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == 10  # every input exactly once
+
+
+def test_rerun_with_another_configuration_is_refused(local_run, tiny_setup):
+    images, out = local_run["images"], local_run["out"]
+    job = _job(tiny_setup, str(images), out)
+    other = dataclasses.replace(job, method=dataclasses.replace(job.method, nms_iou=0.7))
+    with pytest.raises(ValueError, match="holds a run with another configuration"):
+        run_label(other)
+
+
+def test_fingerprint_keeps_what_decides_the_labels(tiny_setup, tmp_path):
+    from pipeline.job import _config_fingerprint
+
+    job = _job(tiny_setup, str(tmp_path), tmp_path / "o")
+    base = _config_fingerprint(job, "bank-a")
+    same = [
+        dataclasses.replace(job, model=dataclasses.replace(job.model, device="cuda:3")),
+        dataclasses.replace(job, model=dataclasses.replace(job.model, compile=True)),
+        # a field at its default value, set explicitly: old runs keep their fingerprint
+        dataclasses.replace(job, method=dataclasses.replace(job.method, merge_resolution="full")),
+    ]
+    assert all(_config_fingerprint(j, "bank-a") == base for j in same)
+    changed = [
+        dataclasses.replace(job, method=dataclasses.replace(job.method, merge_resolution="lowres")),
+        dataclasses.replace(job, model=dataclasses.replace(job.model, dinov2_image_size=126)),
+    ]
+    assert all(_config_fingerprint(j, "bank-a") != base for j in changed)
+    assert _config_fingerprint(job, "bank-b") != base
 
 
 def test_s3_input_and_output(tiny_setup, s3_endpoint, tmp_path):
