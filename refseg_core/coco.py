@@ -196,8 +196,7 @@ def write_json_array(write: Callable[[str], Any], items: Iterable[Any]) -> int:
                 else item
             )
             raise ValueError(f"item {n} has a NaN or infinite number: {brief}") from e
-        write(",\n" if n else "\n")
-        write(text)
+        write((",\n" if n else "\n") + text)  # one call per item
         n += 1
     write("\n]" if n else "]")
     return n
