@@ -43,11 +43,10 @@ from typing import Any
 
 import _common
 import numpy as np
-import pyarrow as pa
 import torch
 from _pipeline_probe import import_seconds, pipeline_run
 
-from pipeline.outputs import write_parts
+from pipeline.outputs import instances_blob, write_parts
 from pipeline.schema import Col, image_id_from_uri
 from pipeline.settings import PipelineSettings
 from pipeline.storage import resolve
@@ -77,13 +76,6 @@ class _Clock:
                 self.seconds[name] += time.perf_counter() - t0
 
         return timed
-
-
-def _ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
 
 
 def bare_loop(
@@ -130,7 +122,9 @@ def bare_loop(
         image_id = image_id_from_uri(uri)
         status, error, blob = "ok", "", b""
         try:  # as MatchStage: a failure becomes an error row
-            blob = _ipc(inst.with_rles(drop_masks=True).to_arrow(image_id, uri, bank.names))
+            blob = instances_blob(
+                inst.with_rles(drop_masks=True).to_arrow(image_id, uri, bank.names)
+            )
             n_instances += len(inst)
         except Exception as exc:
             status, error = "error", str(exc)

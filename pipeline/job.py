@@ -111,7 +111,7 @@ def _checkpoint_hashes(model: ModelConfig) -> dict[str, str | None]:
 
 
 def _check_reachable(loc: Location, what: str) -> None:
-    """Fail fast, before Ray starts, when a store is down (Ray's readers retry for minutes)."""
+    """Fail fast, before Ray starts, when a store is down (retries would take minutes)."""
     try:
         loc.fs.get_file_info(loc.path)
     except Exception as exc:

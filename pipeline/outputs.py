@@ -30,7 +30,14 @@ from pipeline.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, Col
 from pipeline.storage import Location
 from refseg_core.coco import write_json_array
 
-__all__ = ["write_parts", "finished_parts", "done_image_ids", "remove_orphans", "write_coco"]
+__all__ = [
+    "instances_blob",
+    "write_parts",
+    "finished_parts",
+    "done_image_ids",
+    "remove_orphans",
+    "write_coco",
+]
 
 INSTANCES_DIR, IMAGES_DIR = "instances", "images"
 
@@ -80,6 +87,14 @@ def _images_table(batch: dict[str, np.ndarray]) -> pa.Table:
         {k: pa.array(v, IMAGES_SCHEMA.field(k).type) for k, v in cols.items()},
         schema=IMAGES_SCHEMA,
     )
+
+
+def instances_blob(table: pa.Table) -> bytes:
+    """One image's instances table as the Arrow IPC bytes ``write_parts`` reads back."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
 
 
 def write_parts(batch: dict[str, np.ndarray], *, out: Location) -> dict[str, np.ndarray]:

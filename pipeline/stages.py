@@ -13,10 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from pipeline.decode import error_text
+from pipeline.outputs import instances_blob
 from pipeline.schema import Col
 from refseg_core.config import MethodConfig, ModelConfig
 from refseg_core.factory import build_encoder, build_proposer
@@ -103,13 +103,6 @@ class ProposalStage:
         return batch
 
 
-def _ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
 class MatchStage:
     """Actor holding the memory bank: DINOv2 matching, masks encoded to RLE here."""
 
@@ -144,7 +137,7 @@ class MatchStage:
                 table = inst.with_rles(drop_masks=True).to_arrow(
                     int(batch[Col.IMAGE_ID][i]), str(batch[Col.IMAGE_URI][i]), self.names
                 )
-                out.append((_ipc(table), table.num_rows))
+                out.append((instances_blob(table), table.num_rows))
                 t_match[i] = t2 - t1
                 t_encode[i] = time.perf_counter() - t2
             share = (time.perf_counter() - t0 - t_match[idx].sum() - t_encode[idx].sum()) / len(idx)

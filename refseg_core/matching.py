@@ -95,7 +95,10 @@ class Matcher:
         lowres_merge = m.merge_resolution == "lowres"
         masks = None if lowres_merge else self._full_resolution(logits, props)
         if m.soft_merge:
-            merge_masks = self._valid_lowres(lowres[keep], props) if lowres_merge else masks
+            # at 256²: the part of the low-res masks that covers the image
+            merge_masks = (
+                crop_valid(lowres[keep], self._resize_info(props)) if lowres_merge else masks
+            )
             scores = ops.soft_merge_scores(merge_masks, feats, labels, scores, m.merge_power)
         order = torch.argsort(scores, descending=True, stable=True)
         if m.score_threshold > 0:  # none by default: merged-away instances may score 0
@@ -112,10 +115,10 @@ class Matcher:
         )
 
     @staticmethod
-    def _valid_lowres(lowres: torch.Tensor, props: Proposals) -> torch.Tensor:
-        """The low-res masks' part that covers the image (all of it for square inputs)."""
-        info = ResizeInfo(props.orig_hw, props.input_size, "longest-side", props.valid_hw)
-        return crop_valid(lowres, info)
+    def _resize_info(props: Proposals) -> ResizeInfo:
+        """How the proposals' image was put into the SAM2 input square."""
+        mode = "square" if props.valid_hw == (props.input_size,) * 2 else "longest-side"
+        return ResizeInfo(props.orig_hw, props.input_size, mode, props.valid_hw)
 
     def _full_resolution(self, logits: torch.Tensor, props: Proposals) -> torch.Tensor:
         """(K, h, w) low-res logits to (K, H, W) bool masks at the original size.
@@ -125,8 +128,7 @@ class Matcher:
         The float upsampling runs ``UPSAMPLE_CHUNK`` masks at a time, so only the bool
         result is held whole.
         """
-        mode = "square" if props.valid_hw == (props.input_size,) * 2 else "longest-side"
-        info = ResizeInfo(props.orig_hw, props.input_size, mode, props.valid_hw)
+        info = self._resize_info(props)
         out = torch.empty((logits.shape[0], *props.orig_hw), dtype=torch.bool, device=self.device)
         for s in range(0, logits.shape[0], UPSAMPLE_CHUNK):
             part = lowres_to_original(logits[s : s + UPSAMPLE_CHUNK], info)
