@@ -33,7 +33,10 @@ _MODEL_HELP = {
 }
 _METHOD_HELP = {
     "points_per_side": "point-grid prompts per side (32: 1024 prompts)",
-    "prompt_batch": "prompts decoded per mask-decoder call",
+    "prompt_batch": "prompts per mask-decoder call (0: automatic: 256 for the stock "
+    "decoder, sized for the device for the fast one); speed and memory only",
+    "decoder": "fast: SAM2's mask decoder with each image's shared work done once (same "
+    "masks up to float rounding); stock: SAM2's own call, the paper's path",
     "iou_threshold": "keep proposals with SAM-predicted IoU above this",
     "nms_iou": "class-wise NMS box IoU threshold",
     "max_nms": "keep at most this many proposals after NMS",
@@ -44,7 +47,8 @@ _METHOD_HELP = {
     "soft_merge": "semantic-aware soft merging of overlapping same-class instances",
     "merge_power": "exponent of (1 - IoS) in soft merging",
     "score_threshold": "drop instances scoring at or below this",
-    "autocast_bf16": "run both backbones under bf16 autocast (GPU speed option)",
+    "autocast_bf16": "run both backbones under bf16 autocast and the fast decoder in bf16 "
+    "(speed option on GPUs and CPUs with bf16 support)",
     "merge_resolution": "full: soft-merge at image size (the paper); lowres: merge the "
     "256x256 masks, upsample only the kept top-k (speed and memory option)",
 }
@@ -73,6 +77,7 @@ _LITERALS = {
     "resize": ("square", "longest-side"),
     "box_convention": ("ntt", "standard"),
     "merge_resolution": ("full", "lowres"),
+    "decoder": ("fast", "stock"),
 }
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 ResizeMode = Literal["square", "longest-side"]
 BoxConvention = Literal["ntt", "standard"]
 MergeResolution = Literal["full", "lowres"]
+Decoder = Literal["fast", "stock"]
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,9 @@ class MethodConfig:
     min_mask_weight: float = 1e-3  # Σ m_p below this: the shot is skipped with a warning
     # §3 proposals
     points_per_side: int = 32
-    prompt_batch: int = 256
+    # prompts per mask-decoder call; 0: automatic (the paper's 256 for the stock decoder,
+    # sized for the device for the fast one). It changes speed and memory, not results.
+    prompt_batch: int = 0
     iou_threshold: float = 0.4
     mask_threshold: float = 0.0
     add_no_mem_embed: bool = False
@@ -61,6 +64,9 @@ class MethodConfig:
     score_threshold: float = 0.0
     box_convention: BoxConvention = "ntt"
     # speed options (off by default: the paper runs float32 and merges at full resolution)
+    # "fast": SAM2's mask decoder with each image's shared work done once
+    # (refseg_core.decoder; equal outputs up to float rounding); "stock": SAM2's own call
+    decoder: Decoder = "fast"
     autocast_bf16: bool = False
     # "lowres": soft merging on the 256x256 proposal masks, then only the kept top-k are
     # upsampled to the image size (the paper upsamples every NMS survivor first)
@@ -69,8 +75,12 @@ class MethodConfig:
     def __post_init__(self) -> None:
         if self.points_per_side < 1:
             raise ValueError(f"points_per_side must be >= 1, got {self.points_per_side}")
-        if self.prompt_batch < 1:
-            raise ValueError(f"prompt_batch must be >= 1, got {self.prompt_batch}")
+        if self.prompt_batch < 0:
+            raise ValueError(
+                f"prompt_batch must be >= 1, or 0 for automatic; got {self.prompt_batch}"
+            )
+        if self.decoder not in ("fast", "stock"):
+            raise ValueError(f"decoder must be 'fast' or 'stock', got {self.decoder!r}")
         if self.resize not in ("square", "longest-side"):
             raise ValueError(f"resize must be 'square' or 'longest-side', got {self.resize!r}")
         if self.merge_resolution not in ("full", "lowres"):
@@ -102,7 +112,7 @@ PRESETS: dict[str, Preset] = {
             sam2_image_size=256,
             dinov2_image_size=112,
         ),
-        MethodConfig(points_per_side=8, prompt_batch=64, max_nms=200, box_convention="standard"),
+        MethodConfig(points_per_side=8, max_nms=200, box_convention="standard"),
     ),
 }
 

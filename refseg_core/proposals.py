@@ -2,7 +2,10 @@
 
 ``Sam2Proposer`` receives a built SAM2 model (``refseg_core.models.build_sam2``) and calls
 the model's own image encoder, prompt encoder and mask decoder, as the paper's code does,
-so that it works at any image size the model was built for.
+so that it works at any image size the model was built for. The mask decoder runs either
+as SAM2's own call (``decoder="stock"``, the paper's path) or, by default, through
+:class:`refseg_core.decoder.SharedImageDecoder`, which does each image's prompt-independent
+work once and gives the same masks and IoUs up to float rounding.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 
 from refseg_core import ops
 from refseg_core.config import MethodConfig
+from refseg_core.decoder import ImageState, SharedImageDecoder
 
 #: SAM2's input normalisation (ImageNet mean and std, as ``sam2.utils.transforms``'s
 #: ``SAM2Transforms`` sets them). Copied as numbers because importing that module pulls in
@@ -23,7 +27,47 @@ from refseg_core.config import MethodConfig
 SAM2_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 SAM2_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-__all__ = ["Proposals", "Sam2Proposer"]
+__all__ = ["EncodedImage", "Proposals", "Sam2Proposer", "auto_prompt_batch"]
+
+#: The paper's prompt batch (stock decoder, ``prompt_batch=0``).
+STOCK_PROMPT_BATCH = 256
+#: Fast-decoder prompts per call on CPU (``prompt_batch=0``): bench/decoder.py --batches
+#: measured smaller batches faster per prompt on a 2-core CPU (the (P, 4096, 256)
+#: activations then stay in cache).
+CPU_PROMPT_BATCH = 16
+#: Bytes of fast-decoder working memory per prompt at a 64 x 64 embedding, float32
+#: (measured peak with bench/decoder.py, rounded up); bf16 needs half.
+BYTES_PER_PROMPT_64 = 48 * 2**20
+
+
+def auto_prompt_batch(decoder: str, device: torch.device, embed_hw: tuple[int, int]) -> int:
+    """Prompts per mask-decoder call for ``prompt_batch=0``.
+
+    Stock: the paper's 256. Fast decoder: ``CPU_PROMPT_BATCH`` on CPU; on CUDA as many as a
+    quarter of the free memory holds (``BYTES_PER_PROMPT_64`` scaled by the embedding
+    size), between 64 and 1024.
+    """
+    if decoder == "stock":
+        return STOCK_PROMPT_BATCH
+    if device.type != "cuda":
+        return CPU_PROMPT_BATCH
+    free, _ = torch.cuda.mem_get_info(device)
+    per_prompt = BYTES_PER_PROMPT_64 * embed_hw[0] * embed_hw[1] / 4096
+    return int(min(1024, max(64, free / 4 / per_prompt)))
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """One image's mask-decoder inputs.
+
+    Attributes:
+        embed: (1, C, h, w) image embedding; high_res: [(1, C/8, 4h, 4w), (1, C/4, 2h, 2w)].
+        shared: the fast decoder's prompt-independent state, ``None`` for the stock call.
+    """
+
+    embed: torch.Tensor
+    high_res: list[torch.Tensor]
+    shared: ImageState | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +172,14 @@ class Sam2Proposer:
         self.device = next(model.parameters()).device
         self._mean = torch.tensor(SAM2_MEAN, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(SAM2_STD, device=self.device).view(1, 3, 1, 1)
+        self._fast: SharedImageDecoder | None = None
+
+    def _fast_decoder(self) -> SharedImageDecoder:
+        """The fast decoder, in bf16 under ``autocast_bf16`` (built once per dtype)."""
+        dtype = torch.bfloat16 if self.method.autocast_bf16 else torch.float32
+        if self._fast is None or self._fast.dtype != dtype:
+            self._fast = SharedImageDecoder(self.model, dtype=dtype)
+        return self._fast
 
     def _autocast(self):
         return torch.autocast(
@@ -158,10 +210,19 @@ class Sam2Proposer:
         return feats[-1], feats[:-1]
 
     @torch.inference_mode()
+    def prepare(self, image_embed: torch.Tensor, high_res: list[torch.Tensor]) -> EncodedImage:
+        """One image's decoder inputs (``image_embed`` (1, C, h, w)); with the fast decoder,
+        its prompt-independent work is done here, once."""
+        if self.method.decoder == "stock":
+            return EncodedImage(image_embed, high_res)
+        with torch.autocast(self.device.type, enabled=False):
+            shared = self._fast_decoder().prepare(image_embed, high_res)
+        return EncodedImage(image_embed, high_res, shared)
+
+    @torch.inference_mode()
     def decode(
         self,
-        image_embed: torch.Tensor,
-        high_res: list[torch.Tensor],
+        image: EncodedImage,
         coords: torch.Tensor,
         labels: torch.Tensor,
         *,
@@ -170,27 +231,39 @@ class Sam2Proposer:
         """Mask decoder for P prompts on one image.
 
         Args:
-            image_embed: (1, C, h, w); high_res: levels of shape (1, C_l, h_l, w_l).
+            image: from :meth:`prepare`.
             coords: (P, K, 2) input-pixel (x, y); labels: (P, K) int (1 positive,
                 2/3 box corners).
 
         Returns:
-            low-res logits (P, M, S/4, S/4) and predicted IoU (P, M), M = 3 or 1.
+            low-res logits (P, M, S/4, S/4) and predicted IoU (P, M), float32, M = 3 or 1.
         """
         with self._autocast():
             sparse, dense = self.model.sam_prompt_encoder(
                 points=(coords.to(self.device), labels.to(self.device)), boxes=None, masks=None
             )
+        if image.shared is not None:
+            # bf16 runs natively in a bf16 copy of the decoder, not under autocast
+            with torch.autocast(self.device.type, enabled=False):
+                low_res, iou = self._fast_decoder()(image.shared, sparse, multimask=multimask)
+            return low_res.float(), iou.float()
+        with self._autocast():
             low_res, iou, _, _ = self.model.sam_mask_decoder(
-                image_embeddings=image_embed,
+                image_embeddings=image.embed,
                 image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
                 multimask_output=multimask,
                 repeat_image=True,
-                high_res_features=high_res,
+                high_res_features=image.high_res,
             )
         return low_res.float(), iou.float()
+
+    def prompt_batch(self, embed_hw: tuple[int, int]) -> int:
+        """Prompts per decoder call: the method's ``prompt_batch``, or the automatic one."""
+        if self.method.prompt_batch:
+            return self.method.prompt_batch
+        return auto_prompt_batch(self.method.decoder, self.device, embed_hw)
 
     def grid(self, valid_hw: tuple[int, int]) -> torch.Tensor:
         """The (P, 2) point grid over the valid part of the input square."""
@@ -211,17 +284,17 @@ class Sam2Proposer:
             orig_hw: per image, the original (H, W).
         """
         image_embed, high_res = self.encode(images)
+        step = self.prompt_batch(tuple(image_embed.shape[-2:]))
         out = []
         for i in range(images.shape[0]):
             points = self.grid(valid_hw[i]).to(self.device)
-            emb = image_embed[i : i + 1]
-            hr = [f[i : i + 1] for f in high_res]
+            image = self.prepare(image_embed[i : i + 1], [f[i : i + 1] for f in high_res])
             keep_logits, keep_iou, keep_pts = [], [], []
             # every prompt is decoded, including a last partial batch
-            for start in range(0, points.shape[0], self.method.prompt_batch):
-                pts = points[start : start + self.method.prompt_batch]
+            for start in range(0, points.shape[0], step):
+                pts = points[start : start + step]
                 labels = torch.ones(pts.shape[0], 1, dtype=torch.int, device=self.device)
-                logits, iou = self.decode(emb, hr, pts[:, None, :], labels)
+                logits, iou = self.decode(image, pts[:, None, :], labels)
                 best = iou.argmax(dim=1)
                 ar = torch.arange(pts.shape[0], device=self.device)
                 logits, iou = logits[ar, best], iou[ar, best]
@@ -252,7 +325,15 @@ class Sam2Proposer:
             (K, S/4, S/4) low-res logits.
         """
         emb, hr = self.encode(image[None])
+        encoded = self.prepare(emb, hr)
         coords = boxes_xyxy.reshape(-1, 2, 2).float()
         labels = torch.tensor([[2, 3]], dtype=torch.int).repeat(coords.shape[0], 1)
-        logits, _ = self.decode(emb, hr, coords.to(self.device), labels, multimask=False)
-        return logits[:, 0]
+        step = self.prompt_batch(tuple(emb.shape[-2:]))
+        logits = [
+            self.decode(encoded, coords[s : s + step], labels[s : s + step], multimask=False)[0]
+            for s in range(0, coords.shape[0], step)
+        ]
+        if not logits:
+            side = self.input_size // 4
+            return torch.zeros((0, side, side), device=self.device)
+        return torch.cat(logits)[:, 0]

@@ -102,7 +102,9 @@ def test_needs_mask(ann, expected):
 def test_masks_match_the_prompted_shapes(refs, tmp_path, resize):
     coco, root, masks = refs
     before = copy.deepcopy(coco)
-    proposer = Sam2Proposer(ShapeSam([GREY, RED, BLUE], image_size=256), MethodConfig())
+    proposer = Sam2Proposer(
+        ShapeSam([GREY, RED, BLUE], image_size=256), MethodConfig(decoder="stock")
+    )
     gallery = tmp_path / "gallery"
     out, summary = box_masks.masks_from_boxes(
         proposer, coco, str(root), resize=resize, gallery=str(gallery)
@@ -125,7 +127,7 @@ def test_masks_match_the_prompted_shapes(refs, tmp_path, resize):
 
 
 def test_box_masks_of_no_boxes():
-    proposer = Sam2Proposer(ShapeSam([GREY], image_size=64), MethodConfig())
+    proposer = Sam2Proposer(ShapeSam([GREY], image_size=64), MethodConfig(decoder="stock"))
     img = np.zeros((10, 20, 3), np.uint8)
     assert box_masks.box_masks(proposer, img, np.zeros((0, 4))).shape == (0, 10, 20)
 

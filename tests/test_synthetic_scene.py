@@ -188,6 +188,7 @@ def _segmenter(encoder, bank, resize, merge_resolution="full") -> Segmenter:
         box_convention="standard",
         resize=resize,
         merge_resolution=merge_resolution,
+        decoder="stock",  # the double stands in for SAM2's own decoder call
     )
     sam = ShapeSam(CLASS_COLOURS + BACKGROUNDS, image_size=SAM_SIZE).eval()
     return Segmenter(Sam2Proposer(sam, method), Matcher(encoder, bank, method))
