@@ -11,6 +11,7 @@ work once and gives the same masks and IoUs up to float rounding.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,10 +108,15 @@ class Proposals:
     def to_bytes(self) -> bytes:
         """Compact, exact transport form (npz, no pickle).
 
-        Masks are stored as bit-packed signs plus the float32 logits of *boundary* pixels
-        only (a pixel whose 3x3 neighbourhood has both signs). Bilinear upsampling of the
-        decoded logits thresholded at 0 equals that of the dense logits, since every 2x2
-        cell with mixed signs is made of boundary pixels; interior pixels get ±1e4.
+        Masks are stored as bit-packed signs plus the float32 logits of pixels near a sign
+        change only; interior pixels decode as ±1e4. Resampling to the original size
+        (``refseg_core.tensors.lowres_to_original``) thresholded at 0 is then unchanged:
+        every output pixel is a positive-weighted mean of low-res pixels, so its sign is
+        decided by them alone wherever they share one sign, and every window that mixes
+        signs is kept exactly. A window is 2 x 2 pixels when enlarging (the "boundary": a
+        pixel whose 3x3 neighbourhood has both signs) and up to ceil(2 s) pixels per axis
+        when the antialiased square resize shrinks by s > 1 (originals smaller than the
+        low-res map): the boundary is then widened by ceil(2 s) - 1 pixels on that axis.
         """
         logits = self.logits.detach().float().cpu()
         fg = logits > 0
@@ -119,7 +125,13 @@ class Proposals:
             f = fg[:, None].float()
             hi = F.max_pool2d(f, 3, stride=1, padding=1)
             lo = -F.max_pool2d(-f, 3, stride=1, padding=1)
-            boundary = (hi != lo)[:, 0]
+            boundary = hi != lo
+            ry, rx = self._shrink_margin(h, w)
+            if ry or rx:
+                kernel = (2 * ry + 1, 2 * rx + 1)
+                band = F.max_pool2d(boundary.float(), kernel, stride=1, padding=(ry, rx))
+                boundary = band > 0
+            boundary = boundary[:, 0]
         else:
             boundary = torch.zeros((0, h, w), dtype=torch.bool)
         flat_idx = torch.nonzero(boundary.reshape(-1)).flatten()
@@ -135,6 +147,16 @@ class Proposals:
             sizes=np.array([self.input_size, *self.valid_hw, *self.orig_hw], dtype=np.int64),
         )
         return buf.getvalue()
+
+    def _shrink_margin(self, h: int, w: int) -> tuple[int, int]:
+        """Extra exact pixels per axis around sign changes: ceil(2 s) - 1 where the square
+        resize to the original shrinks (antialiased, scale s = low-res / original > 1)."""
+        if self.valid_hw != (self.input_size, self.input_size):
+            return 0, 0  # longest-side: bilinear sampling, two neighbours per axis
+        return tuple(  # type: ignore[return-value]
+            math.ceil(2 * lo / orig) - 1 if lo > orig else 0
+            for lo, orig in ((h, self.orig_hw[0]), (w, self.orig_hw[1]))
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Proposals:

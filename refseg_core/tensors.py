@@ -39,11 +39,16 @@ def crop_valid(lowres: torch.Tensor, info: ResizeInfo) -> torch.Tensor:
 def lowres_to_original(lowres: torch.Tensor, info: ResizeInfo) -> torch.Tensor:
     """Bilinear (align_corners=False) resampling of (N, h, w) input-square maps to the image.
 
-    ``"square"``: ``F.interpolate`` straight to the original size, as the paper's code does.
+    ``"square"``: ``F.interpolate(..., antialias=True)`` straight to the original size, as
+    the paper's code does (method.md §4.5); the antialiasing matters where the original is
+    smaller than the low-res map in a dimension: each output pixel then averages the
+    low-res pixels under a triangle filter as wide as the scale, instead of sampling two.
     ``"longest-side"``: each original pixel centre is mapped to its exact position in the
-    low-res map: one interpolation, no size x size intermediate (SAM's predictor instead
-    upsamples to size x size, crops the valid part and resizes again). As with any bilinear
-    resampling, pixels at the valid edge blend in the neighbouring padded low-res pixel.
+    low-res map and sampled bilinearly (two neighbours per axis, no antialiasing, like SAM2's
+    own predictor, whose final resize does not antialias either): one interpolation, no
+    size x size intermediate (SAM's predictor instead upsamples to size x size, crops the
+    valid part and resizes again). As with any bilinear resampling, pixels at the valid
+    edge blend in the neighbouring padded low-res pixel.
 
     Returns:
         (N, H, W) float32 at ``info.orig_hw``, on the input's device.
@@ -55,7 +60,9 @@ def lowres_to_original(lowres: torch.Tensor, info: ResizeInfo) -> torch.Tensor:
         return torch.zeros((0, oh, ow), dtype=torch.float32, device=lowres.device)
     x = lowres[:, None].float()
     if info.valid_hw == (info.size, info.size):
-        return F.interpolate(x, size=(oh, ow), mode="bilinear", align_corners=False)[:, 0]
+        return F.interpolate(
+            x, size=(oh, ow), mode="bilinear", align_corners=False, antialias=True
+        )[:, 0]
     vh, vw = info.valid_hw
     dev = x.device
     # normalised grid_sample coordinates (-1 = left edge of the map) of original pixel centres

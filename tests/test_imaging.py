@@ -414,12 +414,18 @@ def test_crop_valid(valid: tuple[int, int], lowres: int, want: tuple[int, int]) 
     assert torch.equal(out, maps[:, : want[0], : want[1]])
 
 
-def test_lowres_to_original_square_is_the_papers_interpolate() -> None:
-    info = ResizeInfo((37, 53), 64, "square", (64, 64))
-    low = torch.randn(4, 16, 16)
-    want = F.interpolate(low[:, None], size=(37, 53), mode="bilinear", align_corners=False)[:, 0]
-    assert torch.equal(lowres_to_original(low, info), want)
-    assert lowres_to_original(low[:0], info).shape == (0, 37, 53)
+@pytest.mark.parametrize("orig", [(37, 53), (9, 53), (7, 5)])
+def test_lowres_to_original_square_is_the_papers_interpolate(orig) -> None:
+    """The paper's call, antialias on (method.md §4.5): it matters when shrinking."""
+    info = ResizeInfo(orig, 64, "square", (64, 64))
+    low = torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(0))
+    up = lowres_to_original(low, info)
+    paper = F.interpolate(low[:, None], size=orig, mode="bilinear", antialias=True)[:, 0]
+    plain = F.interpolate(low[:, None], size=orig, mode="bilinear", antialias=False)[:, 0]
+    assert torch.equal(up, paper)
+    if min(orig) < 16:
+        assert not torch.equal(up > 0, plain > 0)
+    assert lowres_to_original(low[:0], info).shape == (0, *orig)
 
 
 def test_lowres_to_original_longest_side_matches_sams_two_steps() -> None:

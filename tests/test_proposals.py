@@ -7,7 +7,6 @@ import warnings
 import pytest
 import torch
 
-from refseg_core import ops
 from refseg_core.config import MethodConfig, get_preset, replace
 from refseg_core.factory import build_proposer
 from refseg_core.proposals import Proposals
@@ -45,25 +44,69 @@ def test_propose_shapes_filters_and_all_prompts(tiny_model, points, batch, iou, 
         assert out[1].points[:, 0].max() <= 128  # grid over the valid region
 
 
-def test_transport_form_is_exact_after_upsampling():
+@pytest.mark.parametrize(
+    ("valid_hw", "orig_hw"),
+    [
+        ((256, 200), (300, 250)),  # longest-side, enlarging
+        ((256, 200), (30, 25)),  # longest-side, shrinking (bilinear sampling)
+        ((256, 256), (300, 250)),  # square, enlarging
+        ((256, 256), (97, 411)),  # square, shrinking one axis (antialiased)
+        ((256, 256), (20, 9)),  # square, shrinking both axes a lot
+    ],
+)
+def test_transport_form_is_exact_at_the_original_size(valid_hw, orig_hw):
+    from refseg_core.imaging import ResizeInfo
+    from refseg_core.tensors import lowres_to_original
+
     g = torch.Generator().manual_seed(0)
     smooth = torch.nn.functional.interpolate(
         torch.randn(6, 1, 8, 8, generator=g), size=(64, 64), mode="bilinear"
     )[:, 0]
+    mode = "square" if valid_hw == (256, 256) else "longest-side"
+    info = ResizeInfo(orig_hw, 256, mode, valid_hw)
     for logits in (smooth, torch.randn(3, 64, 64, generator=g), torch.zeros(0, 64, 64)):
         p = Proposals(
-            logits, torch.rand(len(logits)), torch.rand(len(logits), 2), 256, (256, 200), (300, 250)
+            logits, torch.rand(len(logits)), torch.rand(len(logits), 2), 256, valid_hw, orig_hw
         )
-        data = p.to_bytes()
-        q = Proposals.from_bytes(data)
-        assert (q.input_size, q.valid_hw, q.orig_hw) == (256, (256, 200), (300, 250))
+        q = Proposals.from_bytes(p.to_bytes())
+        assert (q.input_size, q.valid_hw, q.orig_hw) == (256, valid_hw, orig_hw)
         assert torch.equal(q.iou, p.iou) and torch.equal(q.logits > 0, p.logits > 0)
-        for size in ((300, 250), (97, 411)):
-            assert torch.equal(ops.upsample_masks(q.logits, size), ops.upsample_masks(logits, size))
+        assert torch.equal(
+            lowres_to_original(q.logits, info) > 0, lowres_to_original(logits, info) > 0
+        )
+
+
+def test_transport_band_is_needed_when_shrinking():
+    """Without the widened band, antialiased shrinking would change the masks."""
+    from refseg_core.imaging import ResizeInfo
+    from refseg_core.tensors import lowres_to_original
+
+    g = torch.Generator().manual_seed(4)
+    logits = torch.nn.functional.interpolate(
+        torch.randn(8, 1, 6, 6, generator=g), size=(64, 64), mode="bilinear"
+    )[:, 0]
+    orig = (11, 13)
+    info = ResizeInfo(orig, 256, "square", (256, 256))
+    fg = logits > 0
+    f = fg[:, None].float()
+    boundary = (
+        torch.nn.functional.max_pool2d(f, 3, 1, 1) != -torch.nn.functional.max_pool2d(-f, 3, 1, 1)
+    )[:, 0]
+    narrow = torch.where(fg, 1e4, -1e4)
+    narrow[boundary] = logits[boundary]
+    exact = lowres_to_original(logits, info) > 0
+    assert not torch.equal(lowres_to_original(narrow, info) > 0, exact)
+    q = Proposals.from_bytes(
+        Proposals(logits, torch.rand(8), torch.rand(8, 2), 256, (256, 256), orig).to_bytes()
+    )
+    assert torch.equal(lowres_to_original(q.logits, info) > 0, exact)
+
+
+def test_transport_form_is_compact():
     # object-like masks (discs) are compact: a fraction of dense float32 logits
     yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
     discs = torch.stack([r**2 - (xx - 32) ** 2 - (yy - 30) ** 2 for r in (5.0, 12.0, 25.0)])
-    p = Proposals(discs, torch.rand(3), torch.rand(3, 2), 256, (256, 256), (9, 9))
+    p = Proposals(discs, torch.rand(3), torch.rand(3, 2), 256, (256, 256), (300, 300))
     assert len(p.to_bytes()) < discs.numel() * 4 / 5
 
 

@@ -203,7 +203,9 @@ def reference_match(logits, iou, features, prototypes, orig_hw, method):
             kept.append(c)
     kept = [c for c in kept[: method.max_nms] if c["score"] > 0]
     for c in kept:
-        up_logits = F.interpolate(logits[c["i"]][None, None], size=orig_hw, mode="bilinear")
+        up_logits = F.interpolate(
+            logits[c["i"]][None, None], size=orig_hw, mode="bilinear", antialias=True
+        )
         c["mask"] = up_logits[0, 0] > 0
     lowres = method.merge_resolution == "lowres"
     for pos, c in enumerate(kept):  # soft merging in NMS order, within each class
@@ -255,19 +257,22 @@ def _features(prototypes, seed, g=6):
 
 
 @pytest.mark.parametrize(
-    ("box_convention", "max_nms", "max_instances", "soft_merge", "seed", "merge_at"),
+    ("box_convention", "max_nms", "max_instances", "soft_merge", "seed", "merge_at", "orig_hw"),
     [
-        ("ntt", 800, 100, True, 0, "full"),
-        ("standard", 800, 100, True, 1, "full"),
-        ("standard", 6, 100, True, 2, "full"),
-        ("ntt", 800, 4, True, 3, "full"),
-        ("standard", 800, 100, False, 4, "full"),
-        ("ntt", 800, 100, True, 0, "lowres"),
-        ("standard", 800, 5, True, 1, "lowres"),
+        ("ntt", 800, 100, True, 0, "full", (45, 70)),
+        ("standard", 800, 100, True, 1, "full", (45, 70)),
+        ("standard", 6, 100, True, 2, "full", (45, 70)),
+        ("ntt", 800, 4, True, 3, "full", (45, 70)),
+        ("standard", 800, 100, False, 4, "full", (45, 70)),
+        ("ntt", 800, 100, True, 0, "lowres", (45, 70)),
+        ("standard", 800, 5, True, 1, "lowres", (45, 70)),
+        # originals smaller than the low-res masks in a dimension: antialiased resize (§4.5)
+        ("ntt", 800, 100, True, 5, "full", (20, 70)),
+        ("ntt", 800, 100, True, 6, "full", (13, 9)),
     ],
 )
 def test_matching_matches_transcription(
-    box_convention, max_nms, max_instances, soft_merge, seed, merge_at
+    box_convention, max_nms, max_instances, soft_merge, seed, merge_at, orig_hw
 ):
     bank = _bank({90: 2, 3: 1, 17: 3}, dim=16, seed=seed)
     method = MethodConfig(
@@ -279,7 +284,6 @@ def test_matching_matches_transcription(
     )
     matcher = Matcher(colour_dino_encoder(PALETTE, DINO_SIZE), bank, method)
     logits, iou = _random_proposals(seed, 24)
-    orig_hw = (45, 70)
     props = Proposals(logits, iou, torch.zeros(len(iou), 2), 128, (128, 128), orig_hw)
     feats = _features(bank.class_prototypes(), seed)
     # without merging the transcription skips §4.6: (1 - IoS) ** 0 == 1
