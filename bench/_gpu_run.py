@@ -40,6 +40,7 @@ def configured(seg: Segmenter, v: Any) -> Iterator[None]:
         autocast_bf16=v.bf16,
         prompt_batch=v.prompt_batch,
         merge_resolution="lowres" if v.lowres_merge else "full",
+        decoder=v.decoder,
     )
     seg.proposer.method = seg.matcher.method = new
     seg.matcher.encoder.autocast_bf16 = v.bf16

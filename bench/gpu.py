@@ -6,15 +6,19 @@ at 518, a 32x32 prompt grid, 10 one-shot classes) labels synthetic 480x640 image
 pipeline) are left out; the clock covers the upload, both models, matching and the masks'
 copy back to the host. Every variant runs on the same prepared images after warm-up:
 
-  fp32              the paper's setting (prompt batch 256, one image per call, no compile)
+  fp32              the paper's setting (SAM2's own decoder call, prompt batch 256, one
+                    image per call, no compile)
+  fp32-fast         refseg's default decoder (refseg_core.decoder: each image's shared
+                    work once), automatic prompt batch
   bf16              MethodConfig.autocast_bf16 (SAM2 and DINOv2 under bf16 autocast)
+  bf16-fast         bf16 with the fast decoder (run natively in bf16)
   fp32-prompts1024  all 1024 prompts of an image in one decoder call
   fp32-images4      4 images per call through both encoders
   fp32-compile      torch.compile of the SAM2 image encoder, the mask decoder's transformer
                     and the DINOv2 blocks
   fp32-lowres       MethodConfig.merge_resolution="lowres": soft merging on the 256x256
                     masks, only the kept top-100 upsampled to the image size
-  bf16-all          all of the above together
+  bf16-all          all of the above together (with the fast decoder)
 
 Each variant's instances are compared with float32's on the first ``--check-images`` images:
 instances are paired greedily by mask IoU within a category; ``recall`` is the share of
@@ -61,6 +65,7 @@ class Variant:
     image_batch: int = 1
     compile: bool = False
     lowres_merge: bool = False
+    decoder: str = "stock"
 
     @property
     def tolerance(self) -> float:
@@ -71,13 +76,21 @@ VARIANTS = {
     v.name: v
     for v in (
         Variant("fp32"),
+        Variant("fp32-fast", prompt_batch=0, decoder="fast"),
         Variant("bf16", bf16=True),
+        Variant("bf16-fast", bf16=True, prompt_batch=0, decoder="fast"),
         Variant("fp32-prompts1024", prompt_batch=1024),
         Variant("fp32-images4", image_batch=4),
         Variant("fp32-compile", compile=True),
         Variant("fp32-lowres", lowres_merge=True),
         Variant(
-            "bf16-all", bf16=True, prompt_batch=1024, image_batch=4, compile=True, lowres_merge=True
+            "bf16-all",
+            bf16=True,
+            prompt_batch=1024,
+            image_batch=4,
+            compile=True,
+            lowres_merge=True,
+            decoder="fast",
         ),
     )
 }
@@ -99,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-images", type=int, default=8, help="images compared with fp32")
     p.add_argument("--profile-images", type=int, default=4, help="images of the breakdown")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    p.add_argument("--bf16", action="store_true", help="only fp32 and bf16")
+    p.add_argument("--bf16", action="store_true", help="only fp32 and bf16, both decoders")
     p.add_argument("--classes", type=int, default=10, help="one-shot classes in the bank")
     p.add_argument("--image-size", default="480x640", help="target image HxW")
     p.add_argument("--weights", choices=["random", "official"], default="random")
@@ -124,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     from refseg_core.matching import Matcher
     from refseg_core.segmenter import Segmenter
 
-    variants = ["fp32", "bf16"] if args.bf16 else list(dict.fromkeys(["fp32", *args.variants]))
+    variants = (
+        ["fp32", "fp32-fast", "bf16", "bf16-fast"]
+        if args.bf16
+        else list(dict.fromkeys(["fp32", *args.variants]))
+    )
     if args.cpu_smoke:
         args.images, args.warmup, args.check_images, args.profile_images = 2, 1, 2, 1
         variants = [v for v in variants if not VARIANTS[v].compile]

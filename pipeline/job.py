@@ -91,11 +91,12 @@ def _changed(obj: Any, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
 def _config_fingerprint(job: LabelJob, bank_sha: str) -> str:
     """What decides the labels: settings that differ from the defaults, and the bank.
 
-    Where and how fast the models run (device, torch.compile) is left out.
+    Where and how fast the models run (device, torch.compile, the mask decoder's path and
+    prompt batch, which give the same masks up to float rounding) is left out.
     """
     cfg: dict[str, Any] = {
         "model": _changed(job.model, ignore=("device", "compile")),
-        "method": _changed(job.method),
+        "method": _changed(job.method, ignore=("decoder", "prompt_batch")),
     }
     cfg["bank_sha256"] = bank_sha
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]

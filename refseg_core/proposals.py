@@ -36,24 +36,27 @@ STOCK_PROMPT_BATCH = 256
 #: measured smaller batches faster per prompt on a 2-core CPU (the (P, 4096, 256)
 #: activations then stay in cache).
 CPU_PROMPT_BATCH = 16
-#: Bytes of fast-decoder working memory per prompt at a 64 x 64 embedding, float32
-#: (measured peak with bench/decoder.py, rounded up); bf16 needs half.
-BYTES_PER_PROMPT_64 = 48 * 2**20
+#: Peak bytes of fast-decoder working memory per prompt at a 64 x 64 embedding, float32
+#: (bench/decoder.py's peak_mib_per_call: 12-14 MiB at batches 16-64, rounded up; SAM2's
+#: own call needs 28 MiB); bf16 needs half.
+BYTES_PER_PROMPT_64 = 16 * 2**20
 
 
-def auto_prompt_batch(decoder: str, device: torch.device, embed_hw: tuple[int, int]) -> int:
+def auto_prompt_batch(
+    decoder: str, device: torch.device, embed_hw: tuple[int, int], *, bf16: bool = False
+) -> int:
     """Prompts per mask-decoder call for ``prompt_batch=0``.
 
     Stock: the paper's 256. Fast decoder: ``CPU_PROMPT_BATCH`` on CPU; on CUDA as many as a
-    quarter of the free memory holds (``BYTES_PER_PROMPT_64`` scaled by the embedding
-    size), between 64 and 1024.
+    quarter of the free memory holds (``BYTES_PER_PROMPT_64`` scaled by the embedding size
+    and dtype), between 64 and 1024.
     """
     if decoder == "stock":
         return STOCK_PROMPT_BATCH
     if device.type != "cuda":
         return CPU_PROMPT_BATCH
     free, _ = torch.cuda.mem_get_info(device)
-    per_prompt = BYTES_PER_PROMPT_64 * embed_hw[0] * embed_hw[1] / 4096
+    per_prompt = BYTES_PER_PROMPT_64 * embed_hw[0] * embed_hw[1] / 4096 / (2 if bf16 else 1)
     return int(min(1024, max(64, free / 4 / per_prompt)))
 
 
@@ -285,7 +288,8 @@ class Sam2Proposer:
         """Prompts per decoder call: the method's ``prompt_batch``, or the automatic one."""
         if self.method.prompt_batch:
             return self.method.prompt_batch
-        return auto_prompt_batch(self.method.decoder, self.device, embed_hw)
+        m = self.method
+        return auto_prompt_batch(m.decoder, self.device, embed_hw, bf16=m.autocast_bf16)
 
     def grid(self, valid_hw: tuple[int, int]) -> torch.Tensor:
         """The (P, 2) point grid over the valid part of the input square."""

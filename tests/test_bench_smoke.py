@@ -56,7 +56,24 @@ def _check_matching(result: dict) -> None:
     assert 0.5 <= row["same_instances"] <= 1.0 and row["max_score_diff"] < 0.1
 
 
+def _check_decoder(result: dict) -> None:
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"stock-fp32", "fast-fp32", "stock-bf16", "fast-bf16"}
+    for r in rows.values():
+        assert r["ms_per_prompt"] > 0 and r["gflop_per_prompt"] > 0
+    fast = rows["fast-fp32"]
+    assert fast["max_abs_logit_diff"] <= 1e-3 and fast["same_kept"] == 1.0
+    assert fast["flop_ratio_vs_stock_fp32"] > 1.5  # fewer FLOPs (counted, not timed)
+    assert rows["fast-bf16"]["recall"] > 0.9
+
+
 CASES = [
+    (
+        "decoder.py",
+        ["--smoke"],
+        "decoder_smoke.json",
+        _check_decoder,
+    ),
     (
         "pooling.py",
         ["--grid", "6", "--dim", "32", "--mask-size", "24", "--n", "7", "--repeats", "1"],

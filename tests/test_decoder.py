@@ -192,3 +192,20 @@ def test_bf16_decoder_is_a_bf16_copy_close_to_float32():
     assert got.dtype == torch.bfloat16
     agree = ((got.float() > 0) == (low > 0)).float().mean()
     assert float(agree) > 0.95
+
+
+def test_automatic_prompt_batch():
+    from refseg_core.proposals import CPU_PROMPT_BATCH, STOCK_PROMPT_BATCH, auto_prompt_batch
+
+    cpu = torch.device("cpu")
+    assert auto_prompt_batch("stock", cpu, (64, 64)) == STOCK_PROMPT_BATCH == 256
+    assert auto_prompt_batch("fast", cpu, (64, 64)) == CPU_PROMPT_BATCH
+    model = _build("sam2.1_hiera_t")
+    assert Sam2Proposer(model, MethodConfig(prompt_batch=0)).prompt_batch((16, 16)) == 16
+    assert Sam2Proposer(model, MethodConfig(prompt_batch=7)).prompt_batch((16, 16)) == 7
+    stock = MethodConfig(prompt_batch=0, decoder="stock")
+    assert Sam2Proposer(model, stock).prompt_batch((16, 16)) == 256
+    with pytest.raises(ValueError, match="prompt_batch"):
+        MethodConfig(prompt_batch=-1)
+    with pytest.raises(ValueError, match="decoder"):
+        MethodConfig(decoder="fastest")

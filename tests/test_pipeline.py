@@ -173,6 +173,9 @@ def test_fingerprint_keeps_what_decides_the_labels(tiny_setup, tmp_path):
         dataclasses.replace(job, model=dataclasses.replace(job.model, compile=True)),
         # a field at its default value, set explicitly: old runs keep their fingerprint
         dataclasses.replace(job, method=dataclasses.replace(job.method, merge_resolution="full")),
+        # how the mask decoder runs: the same masks up to float rounding
+        dataclasses.replace(job, method=dataclasses.replace(job.method, decoder="stock")),
+        dataclasses.replace(job, method=dataclasses.replace(job.method, prompt_batch=32)),
     ]
     assert all(_config_fingerprint(j, "bank-a") == base for j in same)
     changed = [
