@@ -74,6 +74,8 @@ def _run(proposer: Any, embed: tuple, points: torch.Tensor) -> None:
     image = proposer.prepare(*embed)
     for _ in _decode_all(proposer, image, points):
         pass
+    if proposer.device.type == "cuda":
+        torch.cuda.synchronize(proposer.device)
 
 
 @contextlib.contextmanager
@@ -151,7 +153,7 @@ def _check(model: torch.nn.Module, embed: tuple, points: torch.Tensor, names: li
         clear = (top2[:, 0] - top2[:, 1]) > TIE
         keep = iou[ar, best] > IOU_FILTER
         far = (iou[ar, best] - IOU_FILTER).abs() > TIE
-        masks["stock-fp32"].append(low[ar, best][keep] > 0)
+        masks["stock-fp32"].append((low[ar, best][keep] > 0).cpu())
         pts = points[s : s + len(best)][:, None, :]
         for n, p in others.items():
             lo, io = p.decode(images[n], pts, torch.ones(len(pts), 1, dtype=torch.int))
@@ -164,7 +166,7 @@ def _check(model: torch.nn.Module, embed: tuple, points: torch.Tensor, names: li
             k = io[ar, b] > IOU_FILTER
             st["kept"][0] += int((k == keep)[far].sum())
             st["kept"][1] += int(far.sum())
-            masks[n].append(lo[ar, b][k] > 0)
+            masks[n].append((lo[ar, b][k] > 0).cpu())
     ref_masks = torch.cat(masks["stock-fp32"])
     out = {}
     for n, st in stats.items():
@@ -178,11 +180,13 @@ def _check(model: torch.nn.Module, embed: tuple, points: torch.Tensor, names: li
     return out
 
 
-def _embedding(config: str, size: int) -> tuple[torch.nn.Module, tuple]:
+def _embedding(config: str, size: int, device: str) -> tuple[torch.nn.Module, tuple]:
     from refseg_core.config import MethodConfig, ModelConfig
     from refseg_core.factory import build_proposer
 
-    model_cfg = ModelConfig(sam2_config=config, sam2_image_size=size, random_weights=True)
+    model_cfg = ModelConfig(
+        sam2_config=config, sam2_image_size=size, random_weights=True, device=device
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         proposer = build_proposer(model_cfg, MethodConfig())
@@ -195,7 +199,7 @@ def _embedding(config: str, size: int) -> tuple[torch.nn.Module, tuple]:
 def bench_model(config: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     from refseg_core import ops
 
-    model, embed = _embedding(config, args.size)
+    model, embed = _embedding(config, args.size, args.device)
     points = ops.point_grid(args.points_per_side, args.size, args.size)
     names = list(args.variants)
     print(
@@ -237,7 +241,7 @@ def bench_model(config: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 def batch_sweep(config: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     from refseg_core import ops
 
-    model, embed = _embedding(config, args.size)
+    model, embed = _embedding(config, args.size, args.device)
     points = ops.point_grid(args.points_per_side, args.size, args.size)[: max(args.batches)]
     runs: dict[int, list[float]] = {b: [] for b in args.batches}
     proposers = {b: _proposer(model, "fast-fp32", b) for b in args.batches}
@@ -265,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--configs", nargs="+", default=["sam2_hiera_t", "sam2_hiera_l"])
     p.add_argument("--size", type=int, default=1024, help="SAM2 input side")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (TF32 matmuls stay off)")
     p.add_argument("--points-per-side", type=int, default=32)
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--repeats", type=int, default=3, help="timed passes over all prompts")

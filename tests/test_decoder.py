@@ -209,3 +209,23 @@ def test_automatic_prompt_batch():
         MethodConfig(prompt_batch=-1)
     with pytest.raises(ValueError, match="decoder"):
         MethodConfig(decoder="fastest")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("config", ["sam2_hiera_l", "sam2.1_hiera_t"])
+def test_fast_decoder_on_cuda(config):
+    """The same equality on a GPU (TF32 off), and the bf16 copy close to float32 there."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = _build(config).cuda()
+    embed, high_res = _image(model)
+    embed, high_res = embed.cuda(), [f.cuda() for f in high_res]
+    coords, labels = _prompts("points", 64)
+    sparse, low, iou = _stock(model, embed, high_res, coords.cuda(), labels.cuda(), True)
+    fast = SharedImageDecoder(model)
+    got_low, got_iou = fast(fast.prepare(embed, high_res), sparse)
+    assert float((got_low - low).abs().max()) <= 1e-3
+    assert float((got_iou - iou).abs().max()) <= 1e-5
+    half = SharedImageDecoder(model, dtype=torch.bfloat16)
+    got_bf16, _ = half(half.prepare(embed, high_res), sparse)
+    assert float(((got_bf16.float() > 0) == (low > 0)).float().mean()) > 0.95
