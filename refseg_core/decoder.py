@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 __all__ = ["ImageState", "SharedImageDecoder"]
 
-#: Prompts upscaled per step (the (P, 4h, 4w, C/8) features then stay in the CPU's cache).
+#: Prompts upscaled per step on CPU (their (4h, 4w, C/8) features then stay in cache); a
+#: GPU upscales a whole batch at once.
 UPSCALE_CHUNK = 4
 
 
@@ -321,7 +322,7 @@ class SharedImageDecoder:
             [dec.output_hypernetworks_mlps[i](mask_tokens[:, i]) for i in which], dim=2
         )  # (P, c, M)
         out = []
-        chunk = UPSCALE_CHUNK
+        chunk = UPSCALE_CHUNK if keys.device.type == "cpu" else p
         for s in range(0, p, chunk):
             k = keys[s : s + chunk]
             x = torch.matmul(k, state.up1_weight).view(k.shape[0], h, w, 2, 2, -1)
