@@ -180,6 +180,7 @@ class _S3Lease:
         self.etag: str | None = None
         self.lost: dict[str, Any] | None = None
         self._stop = threading.Event()
+        self._renewing = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def _body(self) -> bytes:
@@ -258,23 +259,38 @@ class _S3Lease:
         self._thread = threading.Thread(target=self._beat, name="refseg-lease", daemon=True)
         self._thread.start()
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self.ttl / 5):
-            try:
-                etag = s3_objects.put_if_match(
-                    self.out.endpoint, self.loc.path, self._body(), self.etag or ""
-                )
-            except Exception as exc:  # a store outage: keep trying while the run goes on
-                log.warning("could not renew the lease %s (%s); retrying", self.loc.uri, exc)
-                continue
+    def _renew(self) -> None:
+        """Renew the lease now (If-Match on its ETag); a failed match means it was lost.
+
+        Raises the store's error when the request fails (an outage).
+        """
+        with self._renewing:  # the heartbeat thread and check() never race on the ETag
+            if self.lost is not None:
+                return
+            etag = s3_objects.put_if_match(
+                self.out.endpoint, self.loc.path, self._body(), self.etag or ""
+            )
             if etag is None:
-                seen = s3_objects.get(self.out.endpoint, self.loc.path)
-                self.lost = _parse(seen[0] if seen else None) or {"owner": {}}
+                with contextlib.suppress(Exception):
+                    seen = s3_objects.get(self.out.endpoint, self.loc.path)
+                    self.lost = _parse(seen[0] if seen else None)
+                self.lost = self.lost or {"owner": {}}
                 log.error("lost the lease on %s to another run", self.out.uri)
                 return
             self.etag = etag
 
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl / 5) and self.lost is None:
+            try:
+                self._renew()
+            except Exception as exc:  # a store outage: keep trying while the run goes on
+                log.warning("could not renew the lease %s (%s); retrying", self.loc.uri, exc)
+
     def check(self) -> None:
+        """Raise ``LeaseLostError`` if another run holds OUT now; renews the lease first,
+        so that the next ``ttl`` seconds are this run's."""
+        with contextlib.suppress(Exception):  # an outage: the heartbeats' word stands
+            self._renew()
         if self.lost is not None:
             raise LeaseLostError(
                 f"this run lost its lease on {self.out.uri} to another run "
