@@ -300,20 +300,31 @@ class _S3Lease:
             )
 
     def release(self) -> None:
+        """Stop the heartbeats and delete the lease if it is still this run's.
+
+        Bounded to a few seconds when the store does not answer (a run that failed in an
+        outage must not hang here): the lease is then left to expire, and a rerun on this
+        host takes it over at once.
+        """
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
         _LIVE.discard(self.owner["run_id"])
-        if self.lost is None and self.etag:
+        problem = "the store did not answer"
+        if self._renewing.acquire(timeout=5):  # no heartbeat in flight: the ETag is final
             try:
-                s3_objects.delete_if_match(self.out.endpoint, self.loc.path, self.etag)
+                if self.lost is not None or not self.etag:
+                    return
+                s3_objects.delete_if_match(self.out.endpoint, self.loc.path, self.etag, quick=True)
+                return
             except Exception as exc:
-                log.warning(
-                    "could not remove the lease %s (%s): the next run takes it over once it "
-                    "expires, or at once on this host",
-                    self.loc.uri,
-                    exc,
-                )
+                problem = str(exc)
+            finally:
+                self._renewing.release()
+        log.warning(
+            "could not remove the lease %s (%s): the next run takes it over once it "
+            "expires, or at once on this host",
+            self.loc.uri,
+            problem,
+        )
 
 
 class _NoLock:

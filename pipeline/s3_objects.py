@@ -39,15 +39,21 @@ def bucket_key(path: str) -> tuple[str, str]:
 
 
 @functools.lru_cache(maxsize=8)
-def client(endpoint: str | None) -> Any:
-    """A botocore S3 client for ``endpoint`` (None: AWS, or ``AWS_ENDPOINT_URL``)."""
+def client(endpoint: str | None, *, quick: bool = False) -> Any:
+    """A botocore S3 client for ``endpoint`` (None: AWS, or ``AWS_ENDPOINT_URL``).
+
+    ``quick``: one attempt with 3 s timeouts, for requests that may be given up on.
+    """
     import botocore.session
     from botocore.config import Config
 
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
     if endpoint and "://" not in endpoint:
         endpoint = f"http://{endpoint}"
-    config = Config(connect_timeout=3, read_timeout=10, retries={"total_max_attempts": 2})
+    if quick:
+        config = Config(connect_timeout=3, read_timeout=3, retries={"total_max_attempts": 1})
+    else:
+        config = Config(connect_timeout=3, read_timeout=10, retries={"total_max_attempts": 2})
     session = botocore.session.get_session()
     return session.create_client("s3", endpoint_url=endpoint, region_name=region, config=config)
 
@@ -89,11 +95,11 @@ def put_if_match(endpoint: str | None, path: str, body: bytes, etag: str) -> str
         raise
 
 
-def delete_if_match(endpoint: str | None, path: str, etag: str) -> bool:
+def delete_if_match(endpoint: str | None, path: str, etag: str, *, quick: bool = False) -> bool:
     """Delete the object only if its ETag is still ``etag``; whether it was deleted."""
     bucket, key = bucket_key(path)
     try:
-        client(endpoint).delete_object(Bucket=bucket, Key=key, IfMatch=etag)
+        client(endpoint, quick=quick).delete_object(Bucket=bucket, Key=key, IfMatch=etag)
         return True
     except Exception as exc:
         if _precondition_failed(exc) or _missing(exc):
