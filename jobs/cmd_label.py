@@ -68,6 +68,24 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="read every file under --images, not only image extensions",
     )
+    g.add_argument(
+        "--retry-errors",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the images of earlier error rows again (changed files always run again)",
+    )
+    g.add_argument(
+        "--allow-outside-root",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="let --targets file names be absolute paths, URIs or ../ paths outside --images",
+    )
+    g.add_argument(
+        "--take-over-lock",
+        action="store_true",
+        default=None,
+        help="take over OUT's S3 lease held by another run now (only if that run is stopped)",
+    )
 
 
 def pipeline_settings(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
@@ -153,6 +171,7 @@ def run_label(args: argparse.Namespace) -> int:
         targets=args.targets,
         s3_endpoint=_job_value(args, file_cfg, "s3_endpoint"),
         all_files=bool(_job_value(args, file_cfg, "all_files")),
+        allow_outside_root=bool(_job_value(args, file_cfg, "allow_outside_root")),
     )
     env = {"AWS_ENDPOINT_URL": source.s3_endpoint} if source.s3_endpoint else {}
     with scoped_env(env):  # fsspec reads the bank through the same endpoint
@@ -167,6 +186,8 @@ def run_label(args: argparse.Namespace) -> int:
         settings=settings,
         preset=preset,
         num_cpus=None if num_cpus is None else int(num_cpus),
+        retry_errors=bool(_job_value(args, file_cfg, "retry_errors")),
+        take_over_lock=bool(getattr(args, "take_over_lock", None)),
     )
     summary = run_job(job)
     print(summary.line())

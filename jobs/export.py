@@ -38,6 +38,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
 
+from pipeline.atomic import atomic_text
 from pipeline.outputs import IMAGES_DIR, INSTANCES_DIR, finished_parts
 from pipeline.run_record import read_run_record
 from pipeline.storage import Location, resolve
@@ -272,7 +273,7 @@ def _write_coco(out: Location, dest: Path, th: Thresholds, cats: dict[int, str])
     info = {"description": "refseg export", "thresholds": {"default": th.default}}
     info["thresholds"]["per_class"] = {str(c): t for c, t in th.per_class.items()}
     categories = [{"id": c, "name": n} for c, n in cats.items()]
-    with open(dest / "annotations.json", "w", encoding="utf-8") as f:
+    with atomic_text(resolve(str(dest / "annotations.json"))) as f:
         f.write(f'{{"info": {json.dumps(info)}, "categories": {json.dumps(categories)}, ')
         f.write('"images": ')
         write_json_array(f.write, images())
@@ -305,7 +306,7 @@ def _write_label_studio(out: Location, dest: Path, th: Thresholds, cats: dict[in
             data = {"image": img["image_uri"], "refseg_image_id": int(img["image_id"])}
             yield {"data": data, "predictions": [pred]}
 
-    with open(dest / "tasks.json", "w", encoding="utf-8") as f:
+    with atomic_text(resolve(str(dest / "tasks.json"))) as f:
         write_json_array(f.write, tasks())
         f.write("\n")
     labels = "\n".join(f"    <Label value={quoteattr(n)}/>" for n in cats.values())

@@ -58,4 +58,7 @@ def decode_batch(batch: Batch, *, size: int, resize: str, max_pixels: int) -> Ba
     }
     for key, vals_ in cols.items():
         out[key] = np.asarray(vals_, dtype=object if key in (Col.STATUS, Col.ERROR) else None)
+    for key in (Col.FILE_SIZE, Col.FILE_MTIME):  # the listed file's identity, to the images part
+        if key in batch:
+            out[key] = np.asarray(batch[key], dtype=np.int64)
     return out

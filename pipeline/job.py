@@ -18,7 +18,9 @@ import ray
 
 from pipeline import outputs
 from pipeline.graph import build_graph
-from pipeline.run_record import package_versions, read_run_record, write_run_record
+from pipeline.lock import hold_out
+from pipeline.redo import begin_run, settle
+from pipeline.run_record import package_versions, start_record, write_run_record
 from pipeline.schema import Col
 from pipeline.settings import PipelineSettings
 from pipeline.sources import ImageSource, NothingToDo, read_source
@@ -43,6 +45,8 @@ class LabelJob:
     settings: PipelineSettings = field(default_factory=PipelineSettings)
     preset: str = "custom"
     num_cpus: int | None = None  # for a local Ray started on the fly
+    retry_errors: bool = False  # run the images of earlier error rows again
+    take_over_lock: bool = False  # take over an S3 lease another run holds (lock.py)
 
 
 @dataclass(frozen=True)
@@ -172,8 +176,30 @@ def _stopped(exc: Exception, out: Location) -> Exception:
     )
 
 
+def _start_fields(job: LabelJob, bank_sha: str) -> dict[str, Any]:
+    """What run.json says before the first part is written (pipeline/run_record.py)."""
+    return {
+        "preset": job.preset,
+        "config": {
+            "model": job.model,
+            "method": job.method,
+            "pipeline": job.settings,
+            "memory": job.memory,
+            "source": job.source,
+            "out": job.out,
+        },
+        "random_weights": job.model.random_weights,
+        "memory_bank": {"sha256": bank_sha},
+        "versions": package_versions(),
+    }
+
+
 def run_label(job: LabelJob) -> LabelSummary:
-    """Run (or resume) a labelling job; returns the counts of this run."""
+    """Run (or resume) a labelling job; returns the counts of this run.
+
+    The run holds OUT (pipeline/lock.py) from before its first change to OUT to its last;
+    a second run on the same OUT is refused with an ``OutLockedError``.
+    """
     t0 = time.perf_counter()
     out = resolve(job.out, s3_endpoint=job.source.s3_endpoint)
     _check_reachable(out, "output location")
@@ -181,20 +207,24 @@ def run_label(job: LabelJob) -> LabelSummary:
     bank = MemoryBank.load(job.memory)
     bank.check_encoder(job.model.dinov2_model, job.model.dinov2_image_size)
     _warn_categories(job, bank)
+    with hold_out(out, take_over=job.take_over_lock) as lock:
+        return _run_holding_out(job, out, bank, lock, t0)
+
+
+def _run_holding_out(
+    job: LabelJob, out: Location, bank: MemoryBank, lock: Any, t0: float
+) -> LabelSummary:
     bank_bytes = bank.to_bytes()
     bank_sha = hashlib.sha256(bank_bytes).hexdigest()
     fingerprint = _config_fingerprint(job, bank_sha)
-    previous = read_run_record(out)
-    if previous and previous.get("fingerprint") not in (None, fingerprint):
-        raise ValueError(
-            f"{out.uri} holds a run with another configuration or memory bank "
-            f"(fingerprint {previous.get('fingerprint')} != {fingerprint}): use a new --out, "
-            "or delete the old outputs to relabel"
-        )
-    removed = outputs.remove_orphans(out)
-    done = outputs.done_image_ids(out)
-    if removed:
-        log.warning("removed %d parts of interrupted batches; their images run again", removed)
+    # fingerprint and run.json before any change; clean-up, targets and what runs again
+    plan = begin_run(
+        job.source,
+        out,
+        start_record(fingerprint, _start_fields(job, bank_sha)),
+        retry_errors=job.retry_errors,
+    )
+    done = plan.done
 
     env = {}
     if job.source.s3_endpoint:
@@ -205,7 +235,9 @@ def run_label(job: LabelJob) -> LabelSummary:
     )
     counts = {"images": 0, "ok": 0, "errors": 0, "instances": 0}
     try:
-        source = read_source(job.source, done=done, fetch_cpus=job.settings.decode_cpus)
+        source = read_source(
+            job.source, done=done, fetch_cpus=job.settings.decode_cpus, listing=plan.listing
+        )
         ds = build_graph(
             source,
             model=job.model,
@@ -228,11 +260,14 @@ def run_label(job: LabelJob) -> LabelSummary:
     except NothingToDo as exc:
         log.info("%s", exc)
     seconds = time.perf_counter() - t0
+    lock.check()  # a run whose S3 lease was taken over writes no final file
+    settle(out)  # one row per image even if a killed run's workers wrote late
     categories = [{"id": c, "name": bank.names[c]} for c in bank.category_ids]
     coco_stats = outputs.write_coco(out, categories)
     totals = _totals(out)
     record: dict[str, Any] = {
         "fingerprint": fingerprint,
+        "status": "complete",
         "preset": job.preset,
         "config": {
             "model": job.model,
@@ -253,7 +288,13 @@ def run_label(job: LabelJob) -> LabelSummary:
             for c in bank.category_ids
             for r in bank.records[c]
         ],
-        "counts": {"this_run": counts, "total": totals, "skipped_done": len(done)},
+        "counts": {
+            "this_run": counts,
+            "total": totals,
+            "skipped_done": len(done),
+            "redone": {"changed": plan.changed, "errors_retried": plan.retried},
+            "duplicate_rows_removed": plan.duplicates,
+        },
         "timings": {
             "seconds": seconds,
             "coco_json_seconds": coco_stats["seconds"],

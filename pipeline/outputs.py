@@ -4,7 +4,8 @@ OUT/
   instances/part-<key>.parquet   one row per instance (INSTANCES_SCHEMA)
   images/part-<key>.parquet      one row per input image (IMAGES_SCHEMA); written after the
                                  instances part of the same key: it is the completion marker
-  coco_results.json, coco_dataset.json, run.json
+  coco_results.json, coco_dataset.json, run.json   each written whole (pipeline/atomic.py)
+  lock.json                      who holds OUT while a run is in progress (pipeline/lock.py)
 
 A part's key is a hash of its image ids, so a retried task rewrites the same files. Local
 files are written under a dot-name and renamed; object stores publish an object only when
@@ -14,9 +15,11 @@ it is ignored and removed on the next run, and its images are processed again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,6 +29,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.atomic import atomic_output
 from pipeline.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, Col
 from pipeline.storage import Location
 from refseg_core.coco import write_json_array
@@ -34,8 +38,10 @@ __all__ = [
     "instances_blob",
     "write_parts",
     "finished_parts",
+    "has_parts",
     "done_image_ids",
     "remove_orphans",
+    "remove_temporaries",
     "write_coco",
 ]
 
@@ -83,6 +89,9 @@ def _images_table(batch: dict[str, np.ndarray]) -> pa.Table:
     }
     for c in (Col.T_DECODE, Col.T_PROPOSE, Col.T_MATCH, Col.T_ENCODE):
         cols[c] = batch[c]
+    for c in (Col.FILE_SIZE, Col.FILE_MTIME):  # -1 or absent: unknown
+        known = np.asarray(batch.get(c, np.full(n, -1)), dtype=np.int64)
+        cols[c] = [int(v) if v >= 0 else None for v in known]
     return pa.Table.from_pydict(
         {k: pa.array(v, IMAGES_SCHEMA.field(k).type) for k, v in cols.items()},
         schema=IMAGES_SCHEMA,
@@ -127,17 +136,49 @@ def _list_parts(loc: Location) -> set[str]:
     }
 
 
+def has_parts(out: Location) -> bool:
+    """Whether OUT holds any part, finished or not."""
+    return bool(_list_parts(out.child(IMAGES_DIR)) or _list_parts(out.child(INSTANCES_DIR)))
+
+
 def finished_parts(out: Location) -> list[str]:
     """Names of the parts whose images file (the completion marker) exists."""
     return sorted(_list_parts(out.child(IMAGES_DIR)))
 
 
 def remove_orphans(out: Location) -> int:
-    """Delete instances parts of interrupted batches (no images part); return how many."""
-    orphans = _list_parts(out.child(INSTANCES_DIR)) - set(finished_parts(out))
-    for name in orphans:
+    """Delete the parts of interrupted batches; return how many. Call it holding OUT's lock.
+
+    An instances part without its images part is a batch cut short: its images run again.
+    An images part without its instances part cannot come from a writer (the instances
+    part is written first) but from a deletion, e.g. a second run's clean-up in earlier
+    versions: it is removed too, so that its images run again rather than the COCO
+    assembly failing on the missing part.
+    """
+    instances, images = _list_parts(out.child(INSTANCES_DIR)), _list_parts(out.child(IMAGES_DIR))
+    for name in sorted(images - instances):  # the completion marker first
+        out.fs.delete_file(out.child(IMAGES_DIR, name).path)
+    for name in sorted(instances - images):
         out.fs.delete_file(out.child(INSTANCES_DIR, name).path)
-    return len(orphans)
+    return len(images ^ instances)
+
+
+def remove_temporaries(out: Location) -> int:
+    """Delete the ``.<name>.tmp*`` files that killed writers left in a local OUT."""
+    if not out.is_local:
+        return 0
+    removed = 0
+    for folder in (out.path, out.child(INSTANCES_DIR).path, out.child(IMAGES_DIR).path):
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(".") and ".tmp" in name:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
+                    removed += 1
+    return removed
 
 
 def _read_column(loc: Location, names: list[str], columns: list[str]) -> Iterator[pa.Table]:
@@ -160,12 +201,6 @@ def iter_tables(out: Location, kind: str, columns: list[str] | None = None) -> I
     yield from _read_column(out.child(kind), finished_parts(out), columns)  # type: ignore[arg-type]
 
 
-def _open_text(loc: Location):
-    if isinstance(loc.fs, pafs.LocalFileSystem):
-        loc.fs.create_dir(loc.path.rsplit("/", 1)[0], recursive=True)
-    return loc.fs.open_output_stream(loc.path)
-
-
 def _annotation_rows(out: Location) -> Iterator[dict[str, Any]]:
     for table in iter_tables(out, INSTANCES_DIR):
         for r in table.to_pylist():
@@ -183,9 +218,13 @@ def _annotation_rows(out: Location) -> Iterator[dict[str, Any]]:
 
 
 def write_coco(out: Location, categories: list[dict[str, Any]]) -> dict[str, int]:
-    """Assemble coco_results.json and coco_dataset.json by streaming over the parts."""
+    """Assemble coco_results.json and coco_dataset.json by streaming over the parts.
+
+    Each file replaces the previous one whole (``atomic_output``): a failure or a kill
+    during the assembly leaves the previous file or none, never a partial one.
+    """
     t0 = time.perf_counter()
-    with _open_text(out.child("coco_results.json")) as f:
+    with atomic_output(out.child("coco_results.json")) as f:
         n_results = write_json_array(_utf8(f), _annotation_rows(out))
         f.write(b"\n")
 
@@ -200,7 +239,7 @@ def write_coco(out: Location, categories: list[dict[str, Any]]) -> dict[str, int
                         "height": int(r[Col.HEIGHT]),
                     }
 
-    with _open_text(out.child("coco_dataset.json")) as f:
+    with atomic_output(out.child("coco_dataset.json")) as f:
         write = _utf8(f)
         write('{"info": {"description": "refseg labels"}, "categories": ')
         write(json.dumps(categories))

@@ -32,6 +32,8 @@ class Col:
     T_PROPOSE = "propose_seconds"
     T_MATCH = "match_seconds"
     T_ENCODE = "encode_seconds"
+    FILE_SIZE = "file_size"  # bytes of the input file when it was listed (null: unknown)
+    FILE_MTIME = "file_mtime_ns"  # its modification time, ns since the epoch (null: unknown)
 
 
 IMAGES_SCHEMA = pa.schema(
@@ -49,6 +51,9 @@ IMAGES_SCHEMA = pa.schema(
         pa.field(Col.T_PROPOSE, pa.float64()),
         pa.field(Col.T_MATCH, pa.float64()),
         pa.field(Col.T_ENCODE, pa.float64()),
+        # the input file as listed: a rerun redoes the image when either differs
+        pa.field(Col.FILE_SIZE, pa.int64()),
+        pa.field(Col.FILE_MTIME, pa.int64()),
     ]
 )
 

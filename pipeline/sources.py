@@ -1,13 +1,19 @@
 """Input datasets: a folder or URI prefix, a manifest of URIs, or a COCO image list.
 
 Every source yields rows ``image_id, image_uri, bytes, error`` (``error`` says why a file
-could not be fetched). Images that already have output are left out before their bytes are
-read.
+could not be fetched) plus ``file_size, file_mtime_ns`` of the file as listed. Targets are
+listed once each under their canonical URI (pipeline/identity.py), OUT left out; images
+that already have output are left out before their bytes are read.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
 import posixpath
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,11 +23,21 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
+from pipeline.identity import Listing, canonical_uri, coco_file_uri, is_under, unique, walk_local
 from pipeline.schema import Col, image_id_from_uri
 from pipeline.storage import Location, resolve
 from refseg_core.coco import load_coco
 
-__all__ = ["ImageSource", "IMAGE_EXTENSIONS", "list_images", "read_source", "NothingToDo"]
+__all__ = [
+    "ImageSource",
+    "IMAGE_EXTENSIONS",
+    "list_images",
+    "list_targets",
+    "read_source",
+    "NothingToDo",
+]
+
+log = logging.getLogger(__name__)
 
 #: Rows per fetch task for small jobs; larger listings use at most MAX_FETCH_BLOCKS blocks.
 FETCH_BLOCK_ROWS = 8
@@ -41,13 +57,15 @@ class ImageSource:
     images: a folder, a URI prefix (s3://bucket/prefix, gs://...), or a manifest
         (``.txt``: one URI per line; ``.parquet``: a ``uri`` or ``image_uri`` column and an
         optional ``image_id``). With ``targets``: the root that COCO file names are under.
-    targets: a COCO JSON whose ``images`` list the targets (ids are kept).
+    targets: a COCO JSON whose ``images`` list the targets (ids are kept). Its file names
+        must be relative paths under ``images`` unless ``allow_outside_root``.
     """
 
     images: str
     targets: str | None = None
     s3_endpoint: str | None = None
     all_files: bool = False
+    allow_outside_root: bool = False
 
     @property
     def kind(self) -> str:
@@ -85,12 +103,16 @@ def fetch_bytes(batch: dict[str, np.ndarray], *, s3_endpoint: str | None) -> dic
                 raise
             data.append(b"")
             errors.append(f"{uri}: could not be read ({type(exc).__name__}: {exc})")
-    return {
+    out = {
         Col.IMAGE_ID: np.asarray(batch[Col.IMAGE_ID], dtype=np.int64),
         Col.IMAGE_URI: np.asarray(batch[Col.IMAGE_URI], dtype=object),
         Col.BYTES: np.asarray(data, dtype=object),
         Col.ERROR: np.asarray(errors, dtype=object),
     }
+    for key in (Col.FILE_SIZE, Col.FILE_MTIME):
+        if key in batch:
+            out[key] = np.asarray(batch[key], dtype=np.int64)
+    return out
 
 
 def list_images(loc: Location, *, all_files: bool = False) -> list[str]:
@@ -99,26 +121,58 @@ def list_images(loc: Location, *, all_files: bool = False) -> list[str]:
     Files are kept by extension (any case; ``all_files`` keeps every file). Names starting
     with ``_`` or ``.`` are listed like any other (camera files such as ``_DSC0001.jpg``);
     only files inside hidden folders (``.git/``, ``.ipynb_checkpoints/``...) are left out.
-    A single file is a listing of one.
+    A single file is a listing of one. Local folders: see ``identity.walk_local``.
     """
+    return _list_prefix(loc, all_files=all_files, out=None).uris
+
+
+def _wanted(all_files: bool) -> Callable[[str], bool]:
+    exts = {f".{e}" for e in IMAGE_EXTENSIONS}
+    return lambda name: all_files or posixpath.splitext(name)[1].lower() in exts
+
+
+def _list_prefix(loc: Location, *, all_files: bool, out: Location | None) -> Listing:
     info = loc.fs.get_file_info(loc.path)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"--images {loc.uri}: no such file, folder or prefix")
     if info.type == pafs.FileType.File:
-        return [loc.uri]
+        uri = canonical_uri(loc.uri)
+        return Listing.of([uri], np.asarray([image_id_from_uri(uri)]), [info.size], [info.mtime_ns])
+    keep = _wanted(all_files)
+    if loc.is_local:
+        walk = walk_local(loc.path, keep=keep, out=out.path if out and out.is_local else None)
+        seen_twice = [
+            f"{n} {what}"
+            for n, what in (
+                (walk.repeats, "files reached under a second name (symlinks)"),
+                (walk.linked_folders, "folders reached a second time (symlink loops or links)"),
+            )
+            if n
+        ]
+        if seen_twice:
+            log.warning("--images %s: %s: each is listed once", loc.uri, " and ".join(seen_twice))
+        if walk.out_skipped:
+            log.info("--images %s: the run's own OUT inside it is not listed", loc.uri)
+        uris = sorted(walk.files)
+        stats = np.asarray([walk.files[u] for u in uris], dtype=np.int64).reshape(-1, 2)
+        ids = np.fromiter((image_id_from_uri(u) for u in uris), np.int64, len(uris))
+        return Listing.of(uris, ids, stats[:, 0], stats[:, 1])
     selector = pafs.FileSelector(loc.path, recursive=True)
     base = selector.base_dir.rstrip("/")
-    exts = {f".{e}" for e in IMAGE_EXTENSIONS}
-    paths = []
+    out_uri = canonical_uri(out.uri) if out is not None else None
+    found: dict[str, tuple[int, int]] = {}
     for f in loc.fs.get_file_info(selector):
         if not f.is_file:
             continue
         folders = f.path[len(base) :].strip("/").split("/")[:-1]
-        if any(part.startswith(".") for part in folders):
+        if any(part.startswith(".") for part in folders) or not keep(f.base_name):
             continue
-        if all_files or posixpath.splitext(f.base_name)[1].lower() in exts:
-            paths.append(f.path)
-    return [loc.uri_of(p) for p in sorted(paths)]
+        uri = canonical_uri(loc.uri_of(f.path))
+        if out_uri is None or not is_under(uri, out_uri):
+            found[uri] = (f.size, f.mtime_ns if f.mtime_ns is not None else -1)
+    uris = sorted(found)
+    ids = np.fromiter((image_id_from_uri(u) for u in uris), np.int64, len(uris))
+    return Listing.of(uris, ids, [found[u][0] for u in uris], [found[u][1] for u in uris])
 
 
 def _manifest_uris(src: ImageSource) -> tuple[list[str], np.ndarray | None]:
@@ -140,24 +194,91 @@ def _manifest_uris(src: ImageSource) -> tuple[list[str], np.ndarray | None]:
     return uris, ids
 
 
-def _listing(src: ImageSource) -> tuple[list[str], np.ndarray]:
-    """(URIs, image ids) of every target the source names."""
-    ids: np.ndarray | None = None
+def _entries(src: ImageSource, out: Location | None) -> Listing:
+    """Every target the source names, once, OUT left out; stats only where listed."""
     if src.kind == "prefix":
-        uris = list_images(
-            resolve(src.images, s3_endpoint=src.s3_endpoint), all_files=src.all_files
+        return _list_prefix(
+            resolve(src.images, s3_endpoint=src.s3_endpoint), all_files=src.all_files, out=out
         )
-    elif src.kind == "coco":
+    ids: np.ndarray | None
+    if src.kind == "coco":
+        what = f"--targets {src.targets}"
         images = load_coco(src.targets)["images"]  # type: ignore[arg-type]
-        base = src.images.rstrip("/")
-        uris = [str(im["file_name"]) for im in images]
-        uris = [u if "://" in u or u.startswith("/") else f"{base}/{u}" for u in uris]
+        names = [str(im["file_name"]) for im in images]
+        raw = [
+            coco_file_uri(
+                src.images, n, allow_outside_root=src.allow_outside_root, what=f"{what}, id {i}"
+            )
+            for n, i in zip(names, (im["id"] for im in images), strict=True)
+        ]
         ids = np.asarray([int(im["id"]) for im in images], dtype=np.int64)
     else:
-        uris, ids = _manifest_uris(src)
-    if ids is None:
-        ids = np.fromiter((image_id_from_uri(u) for u in uris), np.int64, len(uris))
-    return uris, np.asarray(ids, dtype=np.int64)
+        what = f"--images {src.images}"
+        raw, ids = _manifest_uris(src)
+        names = raw
+    given = ids is not None
+    uris, ids = unique([canonical_uri(u) for u in raw], ids, names=names, what=what)
+    listing = dataclasses.replace(Listing.of(uris, ids), ids_given=given)
+    if out is not None:
+        out_uri = canonical_uri(out.uri)
+        inside = np.asarray([is_under(u, out_uri) for u in uris], dtype=bool)
+        if inside.any():
+            log.warning(
+                "%s: %d entries are files of the run's own OUT %s: they are not labelled",
+                what,
+                int(inside.sum()),
+                out.uri,
+            )
+            listing = listing.take(~inside)
+    return listing
+
+
+def _listing(src: ImageSource) -> tuple[list[str], np.ndarray]:
+    """(canonical URIs, image ids) of every target the source names, each once."""
+    listing = _entries(src, None)
+    return listing.uris, listing.ids
+
+
+#: Threads that ask an object store for the size and time of manifest entries.
+STAT_THREADS = 32
+
+
+def _stat(uri: str, s3_endpoint: str | None) -> tuple[int, int]:
+    try:
+        if "://" not in uri:
+            st = os.stat(uri)
+            return st.st_size, st.st_mtime_ns
+        loc = resolve(uri, s3_endpoint=s3_endpoint)
+        info = loc.fs.get_file_info(loc.path)
+    except (OSError, ValueError):
+        return -1, -1
+    if info.type != pafs.FileType.File:
+        return -1, -1
+    return info.size, info.mtime_ns if info.mtime_ns is not None else -1
+
+
+def list_targets(src: ImageSource, *, out: Location | None = None) -> Listing:
+    """The run's targets: each file once, under its canonical URI, with its size and time.
+
+    A folder or prefix listing gives the sizes and times; manifest and COCO entries are
+    asked for them (local: a stat each; object stores: one request each, STAT_THREADS at a
+    time). Files of ``out`` are never listed.
+
+    Raises:
+        ValueError / FileNotFoundError: the source names no image, or names them wrongly.
+    """
+    listing = _entries(src, out)
+    if not len(listing):
+        hint = "" if src.all_files or src.kind != "prefix" else " (--all-files reads every file)"
+        raise ValueError(
+            f"--images {src.images}: no image found; looked for {', '.join(IMAGE_EXTENSIONS)}{hint}"
+        )
+    if src.kind != "prefix":
+        with ThreadPoolExecutor(STAT_THREADS) as pool:
+            stats = list(pool.map(lambda u: _stat(u, src.s3_endpoint), listing.uris))
+        arr = np.asarray(stats, dtype=np.int64).reshape(-1, 2)
+        listing = dataclasses.replace(listing, sizes=arr[:, 0].copy(), mtimes=arr[:, 1].copy())
+    return listing
 
 
 def _blocks(table: pa.Table) -> list[pa.Table]:
@@ -166,29 +287,32 @@ def _blocks(table: pa.Table) -> list[pa.Table]:
     return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
 
 
-def read_source(src: ImageSource, *, done: np.ndarray, fetch_cpus: float) -> ray.data.Dataset:
-    """The input dataset of rows (image_id, image_uri, bytes, error), done images left out.
+def read_source(
+    src: ImageSource, *, done: np.ndarray, fetch_cpus: float, listing: Listing | None = None
+) -> ray.data.Dataset:
+    """The input dataset of rows (image_id, image_uri, bytes, error, file_size,
+    file_mtime_ns), done images left out.
 
-    The targets are listed in the driver (as Ray's own file readers do), done ones are
-    dropped there, and the rest are fetched by parallel CPU tasks.
+    The targets are listed in the driver (as Ray's own file readers do; ``listing`` when
+    the caller has it already), done ones are dropped there, and the rest are fetched by
+    parallel CPU tasks.
 
     Raises:
         NothingToDo: every input already has output.
         ValueError / FileNotFoundError: the source names no image.
     """
-    uris, ids = _listing(src)
-    if not uris:
-        hint = "" if src.all_files or src.kind != "prefix" else " (--all-files reads every file)"
-        raise ValueError(
-            f"--images {src.images}: no image found; looked for {', '.join(IMAGE_EXTENSIONS)}{hint}"
-        )
+    listing = listing if listing is not None else list_targets(src)
+    ids = listing.ids
     keep = ~np.isin(ids, done) if len(done) else np.ones(len(ids), dtype=bool)
     if not keep.any():
         raise NothingToDo(f"all {len(ids)} images of {src.images} already have output")
+    todo = listing.take(keep)
     table = pa.table(
         {
-            Col.IMAGE_ID: pa.array(ids[keep], pa.int64()),
-            Col.IMAGE_URI: pa.array([u for u, k in zip(uris, keep, strict=True) if k], pa.string()),
+            Col.IMAGE_ID: pa.array(todo.ids, pa.int64()),
+            Col.IMAGE_URI: pa.array(todo.uris, pa.string()),
+            Col.FILE_SIZE: pa.array(todo.sizes, pa.int64()),
+            Col.FILE_MTIME: pa.array(todo.mtimes, pa.int64()),
         }
     )
     ds = ray.data.from_arrow(_blocks(table))

@@ -29,13 +29,18 @@ class Location:
     fs: pafs.FileSystem
     path: str
     scheme: str  # "" for local, "s3", "gs"
+    endpoint: str | None = None  # the S3 endpoint URL the filesystem was made for
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
 
     @property
     def uri(self) -> str:
         return f"{self.scheme}://{self.path}" if self.scheme else self.path
 
     def child(self, *parts: str) -> Location:
-        return Location(self.fs, join(self.path, *parts), self.scheme)
+        return Location(self.fs, join(self.path, *parts), self.scheme, self.endpoint)
 
     def uri_of(self, path: str) -> str:
         """Canonical URI of a path returned by this filesystem (e.g. by a Ray reader)."""
@@ -77,7 +82,8 @@ def resolve(uri: str, *, s3_endpoint: str | None = None) -> Location:
     path = (parsed.netloc + parsed.path).rstrip("/")
     if scheme in ("s3", "s3a"):
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-        return Location(_s3(s3_endpoint or endpoint_from_env(), region), path, "s3")
+        endpoint = s3_endpoint or endpoint_from_env()
+        return Location(_s3(endpoint, region), path, "s3", endpoint)
     if scheme in ("gs", "gcs"):
         return Location(_gcs(), path, "gs")
     raise ValueError(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -141,18 +142,27 @@ def decode_image(
     except Image.UnidentifiedImageError:
         raise ImageDecodeError(
             uri,
-            f"not a recognised image ({len(data)} bytes starting {bytes(data[:8])!r}); "
-            f"accepted formats: {', '.join(allowed)}",
+            f"not a recognised image ({len(data)} bytes); accepted formats: {', '.join(allowed)}",
             "check that the file is an image; the file name's extension is not used",
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(
-            uri, f"PIL refused it as a possible decompression bomb ({exc})", _HINT_BOMB
+            uri, f"PIL refused it as a possible decompression bomb ({_said(exc)})", _HINT_BOMB
         ) from None
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error...)
         raise ImageDecodeError(
-            uri, f"corrupt image data ({type(exc).__name__}: {exc})", _HINT_REENCODE
+            uri, f"corrupt image data ({type(exc).__name__}: {_said(exc)})", _HINT_REENCODE
         ) from exc
+
+
+# Bytes literals in a decoder's message (PIL quotes chunk names, markers, tag values).
+_BYTES_REPR = re.compile(r"""\bb(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+
+
+def _said(exc: BaseException) -> str:
+    """A decoder's message without the file bytes it may quote (error rows end up in
+    reports: a file's content must never leak into them)."""
+    return _BYTES_REPR.sub("<bytes>", str(exc))[:200]
 
 
 def _check_size(size: tuple[int, int], max_pixels: int, uri: str) -> None:
@@ -174,7 +184,9 @@ def _load(img: Image.Image, uri: str) -> None:
         img.load()
     except OSError as exc:
         if "truncated" in str(exc).lower():
-            raise ImageDecodeError(uri, f"the file is truncated ({exc})", _HINT_REENCODE) from exc
+            raise ImageDecodeError(
+                uri, f"the file is truncated ({_said(exc)})", _HINT_REENCODE
+            ) from exc
         raise
 
 
@@ -186,7 +198,7 @@ def _oriented(img: Image.Image, uri: str) -> Image.Image:
     except Exception as exc:
         raise ImageDecodeError(
             uri,
-            f"unreadable EXIF orientation ({type(exc).__name__}: {exc})",
+            f"unreadable EXIF orientation ({type(exc).__name__}: {_said(exc)})",
             "re-save the image without EXIF or decode with apply_exif_orientation=False",
         ) from exc
     return img
@@ -206,7 +218,7 @@ def _to_rgb_array(img: Image.Image, uri: str) -> np.ndarray:
         rgb = img if img.mode == "RGB" else img.convert("RGB")
     except (ValueError, OSError) as exc:
         raise ImageDecodeError(
-            uri, f"pixel mode {mode!r} cannot be converted to RGB ({exc})", _HINT_REENCODE
+            uri, f"pixel mode {mode!r} cannot be converted to RGB ({_said(exc)})", _HINT_REENCODE
         ) from exc
     out = np.array(rgb, dtype=np.uint8)
     if out.ndim != 3 or out.shape[2] != 3:

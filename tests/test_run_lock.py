@@ -1,0 +1,201 @@
+"""One run at a time on an OUT (issue 13): a lock on local disk, a lease on S3 (moto).
+
+These hold OUT in this process (or in a subprocess that is then killed) and try a second
+holder. The job-level case is tests/test_run_concurrent.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import boto3
+import pytest
+
+from pipeline.lock import LeaseLostError, OutLockedError, hold_out
+from pipeline.storage import resolve
+from tests.faults_util import REPO, wait_until
+
+HOST = socket.gethostname()
+
+
+# ------------------------------------------------------------------------------- local
+
+
+def test_a_second_holder_of_a_local_out_is_refused_with_who_holds_it(tmp_path):
+    out = resolve(str(tmp_path / "out"))
+    with hold_out(out):
+        holder = json.loads((tmp_path / "out" / "lock.json").read_text())
+        assert holder["owner"]["pid"] == os.getpid()
+        with pytest.raises(OutLockedError) as info, hold_out(out):
+            pass
+    message = str(info.value)
+    assert message.startswith(f"{out.uri} is in use by another `refseg label` run: ")
+    assert f"pid {os.getpid()} on host {HOST}" in message
+    assert "Wait for that run to end, or use another --out" in message
+    assert "released when the process ends" in message
+    assert not (tmp_path / "out" / "lock.json").exists()  # released: removed
+    with hold_out(out):  # and free again
+        pass
+
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from pipeline.lock import hold_out
+    from pipeline.storage import resolve
+    with hold_out(resolve(sys.argv[1]), ttl=float(sys.argv[2])):
+        print("held", flush=True)
+        time.sleep(600)
+    """
+)
+
+
+def _holder(out: str, ttl: float = 300.0) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, out, str(ttl)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_a_killed_holder_never_blocks_a_local_rerun(tmp_path):
+    out = str(tmp_path / "out")
+    proc = _holder(out)
+    try:
+        with pytest.raises(OutLockedError, match=f"pid {proc.pid} on host"), hold_out(resolve(out)):
+            pass
+    finally:
+        _kill(proc)
+    assert (tmp_path / "out" / "lock.json").exists()  # left behind by the killed run
+    with hold_out(resolve(out)):
+        holder = json.loads((tmp_path / "out" / "lock.json").read_text())
+        assert holder["owner"]["pid"] == os.getpid()
+
+
+# ---------------------------------------------------------------------------------- S3
+
+
+@pytest.fixture
+def s3_out(s3_endpoint, request):
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    bucket = f"lock-{request.node.name.replace('_', '-')[:40].lower()}".rstrip("-")
+    s3.create_bucket(Bucket=bucket)
+    return s3, bucket, resolve(f"s3://{bucket}/run", s3_endpoint=s3_endpoint)
+
+
+def _lease(s3, bucket: str) -> dict | None:
+    try:
+        return json.loads(s3.get_object(Bucket=bucket, Key="run/lock.json")["Body"].read())
+    except s3.exceptions.NoSuchKey:
+        return None
+
+
+def _plant(s3, bucket: str, *, host: str, pid: int, expires: float) -> None:
+    owner = {"host": host, "pid": pid, "user": "someone", "run_id": "old", "started_at": "x"}
+    lease = {"owner": owner, "heartbeat": expires - 300, "expires": expires, "expires_at": "t"}
+    s3.put_object(Bucket=bucket, Key="run/lock.json", Body=json.dumps(lease).encode())
+
+
+def test_a_second_holder_of_an_s3_out_is_refused_and_told_how_to_take_over(s3_out):
+    s3, bucket, out = s3_out
+    with hold_out(out):
+        lease = _lease(s3, bucket)
+        assert lease["owner"]["pid"] == os.getpid() and lease["expires"] > time.time()
+        with pytest.raises(OutLockedError) as info, hold_out(out):
+            pass
+    message = str(info.value)
+    assert f"s3://{bucket}/run is in use by another `refseg label` run" in message
+    assert f"pid {os.getpid()} on host {HOST}" in message and "last heartbeat" in message
+    assert f"expires at {lease['expires_at']}" in message and "--take-over-lock" in message
+    assert _lease(s3, bucket) is None  # released: removed
+
+
+def test_two_runs_starting_together_get_one_lease(s3_out):
+    _, _, out = s3_out
+    results: list[str] = []
+    barrier, release = threading.Barrier(2), threading.Event()
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            with hold_out(out):
+                results.append("held")
+                release.wait(10)
+        except OutLockedError:
+            results.append("refused")
+            release.set()
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results) == ["held", "refused"]
+
+
+def test_an_expired_lease_of_a_killed_run_elsewhere_is_taken_over(s3_out, caplog):
+    s3, bucket, out = s3_out
+    _plant(s3, bucket, host="gone-node-7", pid=1234, expires=time.time() - 1)
+    with hold_out(out):
+        assert _lease(s3, bucket)["owner"]["pid"] == os.getpid()
+    assert "took over the lease" in caplog.text and "it expired" in caplog.text
+
+
+def test_a_live_lease_elsewhere_blocks_until_take_over_lock(s3_out):
+    s3, bucket, out = s3_out
+    _plant(s3, bucket, host="busy-node-3", pid=1234, expires=time.time() + 300)
+    with pytest.raises(OutLockedError, match="pid 1234 on host busy-node-3"), hold_out(out):
+        pass
+    with hold_out(out, take_over=True):
+        assert _lease(s3, bucket)["owner"]["host"] == HOST
+
+
+def test_the_lease_of_an_ended_process_on_this_host_is_taken_over_at_once(s3_out, s3_endpoint):
+    s3, bucket, out = s3_out
+    proc = _holder(out.uri, ttl=300.0)  # a run on this host, killed: its lease stays
+    _kill(proc)
+    assert _lease(s3, bucket)["owner"]["pid"] == proc.pid
+    with hold_out(out):
+        assert _lease(s3, bucket)["owner"]["pid"] == os.getpid()
+
+
+def test_heartbeats_keep_a_lease_past_its_ttl(s3_out):
+    s3, bucket, out = s3_out
+    with hold_out(out, ttl=1.0):
+        first = _lease(s3, bucket)["heartbeat"]
+        time.sleep(2.5)  # more than the ttl: alive only through its heartbeats
+        with pytest.raises(OutLockedError), hold_out(out, ttl=1.0):
+            pass
+        assert _lease(s3, bucket)["heartbeat"] > first
+
+
+def test_a_run_whose_lease_was_taken_over_finds_out_and_leaves_the_new_lease(s3_out):
+    s3, bucket, out = s3_out
+    held = hold_out(out, ttl=1.0)
+    first = held.__enter__()
+    with hold_out(out, take_over=True):
+        taker = _lease(s3, bucket)["owner"]["run_id"]
+        wait_until(lambda: first.lost is not None, timeout=10, what="the lost heartbeat")
+        with pytest.raises(LeaseLostError, match="lost its lease"):
+            first.check()
+        held.__exit__(None, None, None)  # the first run ends: the new lease stays
+        assert _lease(s3, bucket)["owner"]["run_id"] == taker
+    assert _lease(s3, bucket) is None
