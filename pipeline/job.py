@@ -18,6 +18,7 @@ import ray
 
 from pipeline import outputs
 from pipeline.graph import build_graph
+from pipeline.progress import ProgressOptions, ProgressReporter
 from pipeline.run_record import package_versions, read_run_record, write_run_record
 from pipeline.schema import Col
 from pipeline.settings import PipelineSettings
@@ -43,6 +44,7 @@ class LabelJob:
     settings: PipelineSettings = field(default_factory=PipelineSettings)
     preset: str = "custom"
     num_cpus: int | None = None  # for a local Ray started on the fly
+    progress: ProgressOptions = field(default_factory=ProgressOptions)
 
 
 @dataclass(frozen=True)
@@ -171,8 +173,35 @@ def _stopped(exc: Exception, out: Location) -> Exception:
     )
 
 
+class _NoBarsNote(logging.Filter):
+    """Drops Ray Data's "Progress bars disabled. To enable, set DataContext..." note."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Progress bars disabled")
+
+
+def _ray_bars(show: bool) -> None:
+    """Ray Data's per-operator bars on or off (off: the job's own bar; --ray-progress: on)."""
+    ray.data.DataContext.get_current().enable_progress_bars = show
+    note = logging.getLogger("ray.data._internal.progress")
+    if not any(isinstance(f, _NoBarsNote) for f in note.filters):
+        note.addFilter(_NoBarsNote())
+
+
 def run_label(job: LabelJob) -> LabelSummary:
-    """Run (or resume) a labelling job; returns the counts of this run."""
+    """Run (or resume) a labelling job; returns the counts of this run.
+
+    Progress goes to stderr and to OUT/progress.json (see :mod:`pipeline.progress`).
+    """
+    progress = ProgressReporter(job.progress)
+    try:
+        return _run_label(job, progress)
+    except BaseException:
+        progress.finish("failed")  # a no-op when the job stopped before it started
+        raise
+
+
+def _run_label(job: LabelJob, progress: ProgressReporter) -> LabelSummary:
     t0 = time.perf_counter()
     out = resolve(job.out, s3_endpoint=job.source.s3_endpoint)
     _check_reachable(out, "output location")
@@ -194,17 +223,24 @@ def run_label(job: LabelJob) -> LabelSummary:
     done = outputs.done_image_ids(out)
     if removed:
         log.warning("removed %d parts of interrupted batches; their images run again", removed)
+    progress.start(out, already_done=len(done))
 
     env = {}
     if job.source.s3_endpoint:
         env["AWS_ENDPOINT_URL"] = job.source.s3_endpoint
     ensure_ray(job.num_cpus, env or None)
+    _ray_bars(job.progress.ray_bars)
     res = job.settings.resolve(
         ray.cluster_resources().get("GPU", 0), ray.cluster_resources().get("CPU", 1)
     )
     counts = {"images": 0, "ok": 0, "errors": 0, "instances": 0}
     try:
-        source = read_source(job.source, done=done, fetch_cpus=job.settings.decode_cpus)
+        source = read_source(
+            job.source,
+            done=done,
+            fetch_cpus=job.settings.decode_cpus,
+            on_listed=progress.set_total,
+        )
         ds = build_graph(
             source,
             model=job.model,
@@ -222,6 +258,7 @@ def run_label(job: LabelJob) -> LabelSummary:
                 counts["errors"] += n_err
                 counts["ok"] += n - n_err
                 counts["instances"] += int(np.sum(batch[Col.N_INSTANCES]))
+                progress.add(n, n_err)
         except Exception as exc:
             raise _stopped(exc, out) from exc
     except NothingToDo as exc:
@@ -262,6 +299,7 @@ def run_label(job: LabelJob) -> LabelSummary:
         "ray": {"address": os.environ.get("RAY_ADDRESS", "local")},
     }
     write_run_record(out, record)
+    progress.finish("done")
     return LabelSummary(
         counts["images"],
         counts["ok"],

@@ -8,6 +8,7 @@ read.
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -166,11 +167,18 @@ def _blocks(table: pa.Table) -> list[pa.Table]:
     return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
 
 
-def read_source(src: ImageSource, *, done: np.ndarray, fetch_cpus: float) -> ray.data.Dataset:
+def read_source(
+    src: ImageSource,
+    *,
+    done: np.ndarray,
+    fetch_cpus: float,
+    on_listed: Callable[[int], object] | None = None,
+) -> ray.data.Dataset:
     """The input dataset of rows (image_id, image_uri, bytes, error), done images left out.
 
     The targets are listed in the driver (as Ray's own file readers do), done ones are
-    dropped there, and the rest are fetched by parallel CPU tasks.
+    dropped there, and the rest are fetched by parallel CPU tasks. ``on_listed`` is called
+    with the number of images left to process (0 before ``NothingToDo``).
 
     Raises:
         NothingToDo: every input already has output.
@@ -183,6 +191,8 @@ def read_source(src: ImageSource, *, done: np.ndarray, fetch_cpus: float) -> ray
             f"--images {src.images}: no image found; looked for {', '.join(IMAGE_EXTENSIONS)}{hint}"
         )
     keep = ~np.isin(ids, done) if len(done) else np.ones(len(ids), dtype=bool)
+    if on_listed is not None:
+        on_listed(int(keep.sum()))
     if not keep.any():
         raise NothingToDo(f"all {len(ids)} images of {src.images} already have output")
     table = pa.table(
