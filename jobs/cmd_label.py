@@ -40,6 +40,10 @@ PIPELINE_FLAGS: dict[str, tuple[type, str]] = {
 _JOB_FLAGS: dict[str, tuple[type, str]] = {
     "s3_endpoint": (str, "S3-compatible endpoint URL (MinIO, moto); or AWS_ENDPOINT_URL"),
     "num_cpus": (int, "CPUs of the local Ray started when RAY_ADDRESS is not set"),
+    "progress_interval": (
+        float,
+        "seconds between progress lines when stderr is not a terminal (default 30; 0: none)",
+    ),
 }
 
 
@@ -85,6 +89,12 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="take over OUT's S3 lease held by another run now (only if that run is stopped)",
+    )
+    g.add_argument(
+        "--ray-progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show Ray Data's per-operator progress bars instead of the job's one bar",
     )
 
 
@@ -161,6 +171,7 @@ def run_label(args: argparse.Namespace) -> int:
     from jobs.cli import scoped_env
     from pipeline.job import LabelJob
     from pipeline.job import run_label as run_job
+    from pipeline.progress import ProgressOptions
     from pipeline.sources import ImageSource
 
     file_cfg = load_config_file(getattr(args, "config", None))
@@ -177,6 +188,11 @@ def run_label(args: argparse.Namespace) -> int:
     with scoped_env(env):  # fsspec reads the bank through the same endpoint
         _check_bank(args.memory, model, preflight(model)["dinov2"])
     num_cpus = _job_value(args, file_cfg, "num_cpus")
+    interval = _job_value(args, file_cfg, "progress_interval")
+    progress = ProgressOptions(
+        line_interval_s=30.0 if interval is None else float(interval),
+        ray_bars=bool(_job_value(args, file_cfg, "ray_progress")),
+    )
     job = LabelJob(
         memory=args.memory,
         source=source,
@@ -188,6 +204,7 @@ def run_label(args: argparse.Namespace) -> int:
         num_cpus=None if num_cpus is None else int(num_cpus),
         retry_errors=bool(_job_value(args, file_cfg, "retry_errors")),
         take_over_lock=bool(getattr(args, "take_over_lock", None)),
+        progress=progress,
     )
     summary = run_job(job)
     print(summary.line())

@@ -19,6 +19,7 @@ import ray
 from pipeline import outputs
 from pipeline.graph import build_graph
 from pipeline.lock import hold_out
+from pipeline.progress import ProgressOptions, ProgressReporter
 from pipeline.redo import begin_run, settle
 from pipeline.run_record import package_versions, start_record, write_run_record
 from pipeline.schema import Col
@@ -47,6 +48,7 @@ class LabelJob:
     num_cpus: int | None = None  # for a local Ray started on the fly
     retry_errors: bool = False  # run the images of earlier error rows again
     take_over_lock: bool = False  # take over an S3 lease another run holds (lock.py)
+    progress: ProgressOptions = field(default_factory=ProgressOptions)
 
 
 @dataclass(frozen=True)
@@ -194,12 +196,37 @@ def _start_fields(job: LabelJob, bank_sha: str) -> dict[str, Any]:
     }
 
 
+class _NoBarsNote(logging.Filter):
+    """Drops Ray Data's "Progress bars disabled. To enable, set DataContext..." note."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Progress bars disabled")
+
+
+def _ray_bars(show: bool) -> None:
+    """Ray Data's per-operator bars on or off (off: the job's own bar; --ray-progress: on)."""
+    ray.data.DataContext.get_current().enable_progress_bars = show
+    note = logging.getLogger("ray.data._internal.progress")
+    if not any(isinstance(f, _NoBarsNote) for f in note.filters):
+        note.addFilter(_NoBarsNote())
+
+
 def run_label(job: LabelJob) -> LabelSummary:
     """Run (or resume) a labelling job; returns the counts of this run.
 
     The run holds OUT (pipeline/lock.py) from before its first change to OUT to its last;
-    a second run on the same OUT is refused with an ``OutLockedError``.
+    a second run on the same OUT is refused with an ``OutLockedError``. Progress goes to
+    stderr and to OUT/progress.json (see :mod:`pipeline.progress`), from when OUT is held.
     """
+    progress = ProgressReporter(job.progress)
+    try:
+        return _run_label(job, progress)
+    except BaseException:
+        progress.finish("failed")  # a no-op when the job stopped before it started
+        raise
+
+
+def _run_label(job: LabelJob, progress: ProgressReporter) -> LabelSummary:
     t0 = time.perf_counter()
     out = resolve(job.out, s3_endpoint=job.source.s3_endpoint)
     _check_reachable(out, "output location")
@@ -208,11 +235,16 @@ def run_label(job: LabelJob) -> LabelSummary:
     bank.check_encoder(job.model.dinov2_model, job.model.dinov2_image_size)
     _warn_categories(job, bank)
     with hold_out(out, take_over=job.take_over_lock) as lock:
-        return _run_holding_out(job, out, bank, lock, t0)
+        return _run_holding_out(job, out, bank, lock, t0, progress)
 
 
 def _run_holding_out(
-    job: LabelJob, out: Location, bank: MemoryBank, lock: Any, t0: float
+    job: LabelJob,
+    out: Location,
+    bank: MemoryBank,
+    lock: Any,
+    t0: float,
+    progress: ProgressReporter,
 ) -> LabelSummary:
     bank_bytes = bank.to_bytes()
     bank_sha = hashlib.sha256(bank_bytes).hexdigest()
@@ -225,18 +257,24 @@ def _run_holding_out(
         retry_errors=job.retry_errors,
     )
     done = plan.done
+    progress.start(out, already_done=len(done))
 
     env = {}
     if job.source.s3_endpoint:
         env["AWS_ENDPOINT_URL"] = job.source.s3_endpoint
     ensure_ray(job.num_cpus, env or None)
+    _ray_bars(job.progress.ray_bars)
     res = job.settings.resolve(
         ray.cluster_resources().get("GPU", 0), ray.cluster_resources().get("CPU", 1)
     )
     counts = {"images": 0, "ok": 0, "errors": 0, "instances": 0}
     try:
         source = read_source(
-            job.source, done=done, fetch_cpus=job.settings.decode_cpus, listing=plan.listing
+            job.source,
+            done=done,
+            fetch_cpus=job.settings.decode_cpus,
+            listing=plan.listing,
+            on_listed=progress.set_total,
         )
         ds = build_graph(
             source,
@@ -255,6 +293,7 @@ def _run_holding_out(
                 counts["errors"] += n_err
                 counts["ok"] += n - n_err
                 counts["instances"] += int(np.sum(batch[Col.N_INSTANCES]))
+                progress.add(n, n_err)
         except Exception as exc:
             raise _stopped(exc, out) from exc
     except NothingToDo as exc:
@@ -304,6 +343,7 @@ def _run_holding_out(
         "ray": {"address": os.environ.get("RAY_ADDRESS", "local")},
     }
     write_run_record(out, record)
+    progress.finish("done")
     return LabelSummary(
         counts["images"],
         counts["ok"],

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_output
 from pipeline.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, Col
-from pipeline.storage import Location
+from pipeline.storage import Location, put_atomic
 from refseg_core.coco import write_json_array
 
 __all__ = [
@@ -57,17 +57,7 @@ def _write_table(loc: Location, table: pa.Table) -> None:
     """Write parquet so that a reader never sees a partial file."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    data = buf.getvalue()
-    if isinstance(loc.fs, pafs.LocalFileSystem):
-        parent, name = loc.path.rsplit("/", 1)
-        tmp = f"{parent}/.{name}.tmp"
-        loc.fs.create_dir(parent, recursive=True)
-        with loc.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        loc.fs.move(tmp, loc.path)
-    else:
-        with loc.fs.open_output_stream(loc.path) as f:
-            f.write(data)
+    put_atomic(loc, buf.getvalue())
 
 
 def _images_table(batch: dict[str, np.ndarray]) -> pa.Table:

@@ -288,14 +288,20 @@ def _blocks(table: pa.Table) -> list[pa.Table]:
 
 
 def read_source(
-    src: ImageSource, *, done: np.ndarray, fetch_cpus: float, listing: Listing | None = None
+    src: ImageSource,
+    *,
+    done: np.ndarray,
+    fetch_cpus: float,
+    listing: Listing | None = None,
+    on_listed: Callable[[int], object] | None = None,
 ) -> ray.data.Dataset:
     """The input dataset of rows (image_id, image_uri, bytes, error, file_size,
     file_mtime_ns), done images left out.
 
     The targets are listed in the driver (as Ray's own file readers do; ``listing`` when
     the caller has it already), done ones are dropped there, and the rest are fetched by
-    parallel CPU tasks.
+    parallel CPU tasks. ``on_listed`` is called with the number of images left to process
+    (0 before ``NothingToDo``).
 
     Raises:
         NothingToDo: every input already has output.
@@ -304,6 +310,8 @@ def read_source(
     listing = listing if listing is not None else list_targets(src)
     ids = listing.ids
     keep = ~np.isin(ids, done) if len(done) else np.ones(len(ids), dtype=bool)
+    if on_listed is not None:
+        on_listed(int(keep.sum()))
     if not keep.any():
         raise NothingToDo(f"all {len(ids)} images of {src.images} already have output")
     todo = listing.take(keep)

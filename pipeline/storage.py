@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-__all__ = ["Location", "resolve", "join", "endpoint_from_env"]
+__all__ = ["Location", "resolve", "join", "endpoint_from_env", "put_atomic"]
 
 
 def endpoint_from_env() -> str | None:
@@ -89,3 +89,21 @@ def resolve(uri: str, *, s3_endpoint: str | None = None) -> Location:
     raise ValueError(
         f"unsupported URI scheme {scheme!r} in {uri!r}: use a local path, s3://, or gs://"
     )
+
+
+def put_atomic(loc: Location, data: bytes) -> None:
+    """Write ``data`` to ``loc`` so that a reader sees the old content or the new, never part.
+
+    Local: written to a hidden ``.NAME.tmp`` beside it, then renamed over it. Object stores
+    (s3://, gs://) publish an object only when its upload completes: one whole-object put.
+    """
+    if isinstance(loc.fs, pafs.LocalFileSystem):
+        parent, name = loc.path.rsplit("/", 1)
+        tmp = f"{parent}/.{name}.tmp"
+        loc.fs.create_dir(parent, recursive=True)
+        with loc.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        loc.fs.move(tmp, loc.path)
+    else:
+        with loc.fs.open_output_stream(loc.path) as f:
+            f.write(data)

@@ -272,6 +272,26 @@ def _check_results(
             raise ValueError(f"iou type {iou_type!r} needs '{key}' in every result")
 
 
+def _segmentations_as_rle(results: list[dict[str, Any]], gt: Mapping[str, Any]) -> None:
+    """Every result's segmentation as compressed RLE at its GT image's size, in place.
+
+    pycocotools' ``loadRes`` takes compressed RLE only; polygons and uncompressed RLE are
+    rasterised as its ``annToRLE`` does for ground truth (``frPyObjects`` at the image's
+    height and width, ``merge`` of several polygons).
+    """
+    images = images_by_id(gt)
+    for k, r in enumerate(results):
+        img = images[int(r["image_id"])]
+        try:
+            hw = int(img["height"]), int(img["width"])
+            r["segmentation"] = rle_ops.segmentation_to_rle(r["segmentation"], *hw)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(
+                f"result {k} (image {r['image_id']}): unusable segmentation ({exc}); "
+                f"accepted: {rle_ops.SEGMENTATION_FORMS}"
+            ) from None
+
+
 def _results_coco(gt_coco: Any, results: list[dict[str, Any]], gt: Mapping[str, Any]) -> Any:
     if not results:
         # pycocotools' loadRes fails on an empty list; an empty result set is valid.
@@ -292,7 +312,8 @@ def evaluate(
 
     Args:
         gt: a COCO annotation dict, path or URI (not modified).
-        results: COCO results entries, or a path/URI of a results JSON.
+        results: COCO results entries, or a path/URI of a results JSON. Segmentations may
+            be compressed RLE, uncompressed RLE or polygons (``rle.SEGMENTATION_FORMS``).
         category_ids: the categories evaluated (``params.catIds``); None: all of ``gt``'s.
             Results of other categories are ignored.
         iou_types: any of "bbox", "segm". For "segm" the results' boxes are dropped so that
@@ -331,6 +352,7 @@ def evaluate(
         if iou_type == "segm":
             for r in items:
                 r.pop("bbox", None)
+            _segmentations_as_rle(items, gt_dict)
         evaluator = COCOeval(gt_coco, _results_coco(gt_coco, items, gt_dict), iou_type)
         evaluator.params.catIds = cat_ids
         summary = io.StringIO()

@@ -17,6 +17,11 @@ from pycocotools import mask as mask_utils
 
 Rle = dict[str, Any]
 
+SEGMENTATION_FORMS = (
+    "COCO RLE {'size': [h, w], 'counts': str}, uncompressed RLE {'size': [h, w], 'counts': "
+    "[ints]}, or polygons [[x0, y0, x1, y1, ...], ...] in pixels"
+)
+
 
 def _compressed(rle: Mapping[str, Any]) -> Rle:
     """Return ``rle`` as compressed RLE with ``bytes`` counts (pycocotools' own form)."""
@@ -108,3 +113,19 @@ def annotation_to_rle(ann: Mapping[str, Any], h: int, w: int) -> Rle:
             )
         return _as_str(rle)
     raise TypeError(f"annotation {ann.get('id')}: unsupported segmentation {type(seg)!r}")
+
+
+def segmentation_to_rle(seg: Any, h: int, w: int) -> Rle:
+    """A COCO segmentation in any of ``SEGMENTATION_FORMS`` (or one flat polygon
+    ``[x0, y0, ...]``) as one compressed RLE of an ``h`` x ``w`` image.
+
+    Raises ``ValueError`` / ``TypeError`` for anything else, or an RLE of another size.
+    """
+    if isinstance(seg, Mapping):
+        rle = _compressed(seg)
+        if rle["size"] != [int(h), int(w)]:
+            raise ValueError(f"RLE size {rle['size']} is not the image's {[int(h), int(w)]}")
+        return _as_str(rle)
+    if isinstance(seg, list) and seg:
+        return polygons_to_rle(seg if isinstance(seg[0], list | tuple) else [seg], h, w)
+    raise TypeError(f"got {type(seg).__name__} {str(seg)[:40]}")

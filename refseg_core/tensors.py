@@ -75,11 +75,15 @@ def lowres_to_original(lowres: torch.Tensor, info: ResizeInfo) -> torch.Tensor:
 
 
 def to_float_tensor(img: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) contiguous float32 in [0, 1] (values / 255)."""
+    """(H, W, 3) uint8 -> (3, H, W) contiguous float32 in [0, 1] (values / 255).
+
+    ``img`` may be read-only (Ray hands out zero-copy views of its object store): the float
+    conversion happens in NumPy, into a new array that torch may own and write.
+    """
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {img.dtype} {img.shape}")
-    chw = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
-    return chw.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+    chw = np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)
+    return torch.from_numpy(chw).div_(255.0)
 
 
 def stack_targets(targets: Sequence[PreparedTarget]) -> torch.Tensor:

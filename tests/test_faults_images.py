@@ -174,6 +174,7 @@ def test_crafted_names_write_nothing_outside_out(bad_run, tmp_path):
             rel in ("out", *allowed_top)
             or (parent in allowed_top and Path(rel).name.startswith("part-"))
             or rel in [f"out/{n}" for n in ("coco_results.json", "coco_dataset.json", "run.json")]
+            or rel == "out/progress.json"
             or rel == "out/report.html"
         ), rel
     assert set(os.listdir()) == bad_run["cwd_before"]  # e.g. no "pwned" in the cwd
