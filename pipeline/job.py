@@ -246,6 +246,7 @@ def _run_holding_out(
     t0: float,
     progress: ProgressReporter,
 ) -> LabelSummary:
+    progress.start(out)  # OUT is held: this run's progress.json
     bank_bytes = bank.to_bytes()
     bank_sha = hashlib.sha256(bank_bytes).hexdigest()
     fingerprint = _config_fingerprint(job, bank_sha)
@@ -257,7 +258,7 @@ def _run_holding_out(
         retry_errors=job.retry_errors,
     )
     done = plan.done
-    progress.start(out, already_done=len(done))
+    progress.set_already_done(len(done))
 
     env = {}
     if job.source.s3_endpoint:

@@ -144,6 +144,11 @@ class ProgressReporter:
             self._thread = threading.Thread(target=self._loop, name="refseg-progress", daemon=True)
             self._thread.start()
 
+    def set_already_done(self, images: int) -> None:
+        """Images that earlier runs finished (shown in the plain lines)."""
+        with self._lock:
+            self._skipped = int(images)
+
     def set_total(self, total: int | None) -> None:
         """The number of images this run processes (None: unknown)."""
         with self._lock:
