@@ -18,6 +18,7 @@ import ray
 
 from pipeline import outputs
 from pipeline.graph import build_graph
+from pipeline.proposal_cache import cache_record
 from pipeline.run_record import package_versions, read_run_record, write_run_record
 from pipeline.schema import Col
 from pipeline.settings import PipelineSettings
@@ -43,6 +44,11 @@ class LabelJob:
     settings: PipelineSettings = field(default_factory=PipelineSettings)
     preset: str = "custom"
     num_cpus: int | None = None  # for a local Ray started on the fly
+    # write OUT/proposals/ for `refseg rematch` (pipeline.proposal_cache)
+    cache_proposals: bool = False
+    # SHA-256 of the checkpoints the models load, as resolved before the run (official
+    # defaults included); None: only the explicitly given checkpoints are hashed
+    checkpoints: dict[str, str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -191,6 +197,7 @@ def run_label(job: LabelJob) -> LabelSummary:
             "or delete the old outputs to relabel"
         )
     removed = outputs.remove_orphans(out)
+    _check_cache_resume(out, job.cache_proposals)
     done = outputs.done_image_ids(out)
     if removed:
         log.warning("removed %d parts of interrupted batches; their images run again", removed)
@@ -213,6 +220,7 @@ def run_label(job: LabelJob) -> LabelSummary:
             settings=job.settings,
             resources=res,
             out=out,
+            cache_proposals=job.cache_proposals,
         )
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -261,6 +269,9 @@ def run_label(job: LabelJob) -> LabelSummary:
         },
         "ray": {"address": os.environ.get("RAY_ADDRESS", "local")},
     }
+    if job.cache_proposals:
+        hashes = job.checkpoints or _checkpoint_hashes(job.model)
+        record["proposal_cache"] = cache_record(job.model, job.method, hashes)
     write_run_record(out, record)
     return LabelSummary(
         counts["images"],
@@ -271,6 +282,22 @@ def run_label(job: LabelJob) -> LabelSummary:
         len(done),
         out.uri,
     )
+
+
+def _check_cache_resume(out: Location, cache_proposals: bool) -> None:
+    """Refuse to resume a run with the proposal cache switched on or off half-way."""
+    finished, cached = outputs.finished_parts(out), outputs.cached_parts(out)
+    if cache_proposals and len(cached) < len(finished):
+        raise ValueError(
+            f"{out.uri} holds {len(finished) - len(cached)} finished parts labelled without "
+            "--cache-proposals: a cache must cover every image, so use a new --out (or "
+            "delete the old outputs to relabel)"
+        )
+    if not cache_proposals and cached:
+        raise ValueError(
+            f"{out.uri} was labelled with --cache-proposals: rerun with --cache-proposals "
+            "to resume it, or use a new --out"
+        )
 
 
 def _totals(out: Location) -> dict[str, Any]:

@@ -4,6 +4,8 @@ OUT/
   instances/part-<key>.parquet   one row per instance (INSTANCES_SCHEMA)
   images/part-<key>.parquet      one row per input image (IMAGES_SCHEMA); written after the
                                  instances part of the same key: it is the completion marker
+  proposals/part-<key>.parquet   with --cache-proposals: the proposal cache of the same
+                                 images (pipeline.proposal_cache), written first
   coco_results.json, coco_dataset.json, run.json
 
 A part's key is a hash of its image ids, so a retried task rewrites the same files. Local
@@ -26,6 +28,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.proposal_cache import PROPOSALS_DIR, cache_table
 from pipeline.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, Col
 from pipeline.storage import Location
 from refseg_core.coco import write_json_array
@@ -34,6 +37,7 @@ __all__ = [
     "instances_blob",
     "write_parts",
     "finished_parts",
+    "cached_parts",
     "done_image_ids",
     "remove_orphans",
     "write_coco",
@@ -98,8 +102,13 @@ def instances_blob(table: pa.Table) -> bytes:
 
 
 def write_parts(batch: dict[str, np.ndarray], *, out: Location) -> dict[str, np.ndarray]:
-    """Write one batch's instances part, then its images part; return a small summary."""
+    """Write one batch's instances part, then its images part; return a small summary.
+
+    A batch that carries the proposal cache (``Col.POOLED``) writes its proposals part first.
+    """
     key = part_key(batch[Col.IMAGE_ID])
+    if Col.POOLED in batch:
+        _write_table(out.child(PROPOSALS_DIR, f"part-{key}.parquet"), cache_table(batch))
     tables = [pa.ipc.open_stream(b).read_all() for b in batch[Col.INSTANCES] if len(b)]
     inst = pa.concat_tables(tables) if tables else INSTANCES_SCHEMA.empty_table()
     images = _images_table(batch)
@@ -132,12 +141,24 @@ def finished_parts(out: Location) -> list[str]:
     return sorted(_list_parts(out.child(IMAGES_DIR)))
 
 
+def cached_parts(out: Location) -> list[str]:
+    """Names of the finished parts that have a proposal-cache part."""
+    return sorted(_list_parts(out.child(PROPOSALS_DIR)) & set(finished_parts(out)))
+
+
 def remove_orphans(out: Location) -> int:
-    """Delete instances parts of interrupted batches (no images part); return how many."""
-    orphans = _list_parts(out.child(INSTANCES_DIR)) - set(finished_parts(out))
-    for name in orphans:
-        out.fs.delete_file(out.child(INSTANCES_DIR, name).path)
-    return len(orphans)
+    """Delete instances and proposals parts of interrupted batches (no images part).
+
+    Returns how many batches were interrupted.
+    """
+    finished = set(finished_parts(out))
+    batches: set[str] = set()
+    for kind in (INSTANCES_DIR, PROPOSALS_DIR):
+        orphans = _list_parts(out.child(kind)) - finished
+        for name in orphans:
+            out.fs.delete_file(out.child(kind, name).path)
+        batches |= orphans
+    return len(batches)
 
 
 def _read_column(loc: Location, names: list[str], columns: list[str]) -> Iterator[pa.Table]:

@@ -17,6 +17,7 @@ import torch
 
 from pipeline.decode import error_text
 from pipeline.outputs import instances_blob
+from pipeline.proposal_cache import pooled_to_bytes
 from pipeline.schema import Col
 from refseg_core.config import MethodConfig, ModelConfig
 from refseg_core.factory import build_encoder, build_proposer
@@ -104,7 +105,12 @@ class ProposalStage:
 
 
 class MatchStage:
-    """Actor holding the memory bank: DINOv2 matching, masks encoded to RLE here."""
+    """Actor holding the memory bank: DINOv2 matching, masks encoded to RLE here.
+
+    With ``cache_proposals`` the batch keeps its ``proposals`` column and gains the pooled
+    features (``Col.POOLED``, ``n_proposals``, ``n_pooled``, ``feature_dim``) for the
+    proposal cache (pipeline.proposal_cache).
+    """
 
     def __init__(
         self,
@@ -112,12 +118,14 @@ class MatchStage:
         method: MethodConfig,
         bank_bytes: bytes,
         torch_threads: int | None,
+        cache_proposals: bool = False,
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         bank = MemoryBank.from_bytes(bank_bytes, source="memory bank")
         self.matcher = Matcher(build_encoder(model, method), bank, method)
         self.names = dict(bank.names)
+        self.cache_proposals = cache_proposals
 
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch[Col.IMAGE_ID])
@@ -132,12 +140,15 @@ class MatchStage:
             out = []
             for k, i in enumerate(idx):
                 t1 = time.perf_counter()
-                inst = self.matcher.match(Proposals.from_bytes(batch[Col.PROPOSALS][i]), feats[k])
+                props = Proposals.from_bytes(batch[Col.PROPOSALS][i])
+                pooled = self.matcher.pool(props, feats[k])
+                inst = self.matcher.match_pooled(props, pooled)
                 t2 = time.perf_counter()
                 table = inst.with_rles(drop_masks=True).to_arrow(
                     int(batch[Col.IMAGE_ID][i]), str(batch[Col.IMAGE_URI][i]), self.names
                 )
-                out.append((instances_blob(table), table.num_rows))
+                cache = (pooled_to_bytes(pooled), len(props), *pooled.shape)
+                out.append((instances_blob(table), table.num_rows, cache))
                 t_match[i] = t2 - t1
                 t_encode[i] = time.perf_counter() - t2
             share = (time.perf_counter() - t0 - t_match[idx].sum() - t_encode[idx].sum()) / len(idx)
@@ -152,5 +163,12 @@ class MatchStage:
             [ok[i][1] if i in ok else 0 for i in range(n)], np.int32
         )
         batch[Col.T_MATCH], batch[Col.T_ENCODE] = t_match, t_encode
-        del batch[Col.SQUARE], batch[Col.PROPOSALS]
+        del batch[Col.SQUARE]
+        if not self.cache_proposals:
+            del batch[Col.PROPOSALS]
+            return batch
+        cache = [ok[i][2] if i in ok else (b"", 0, 0, 0) for i in range(n)]
+        batch[Col.POOLED] = np.asarray([c[0] for c in cache], dtype=object)
+        for k, name in enumerate(("n_proposals", "n_pooled", "feature_dim"), 1):
+            batch[name] = np.asarray([c[k] for c in cache], dtype=np.int32)
         return batch
