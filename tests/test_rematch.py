@@ -271,3 +271,44 @@ def test_cache_write_and_read_tasks_do_not_import_torch():
 
     loaded = _imported_after(["pipeline.outputs", "pipeline.proposal_cache"])
     assert "pipeline" in loaded and not loaded & {"torch", "sam2", "timm"}
+
+
+def test_the_review_loop_end_to_end(runs, tiny_setup, tmp_path):
+    """label --cache-proposals, export, review, import-review, build-memory --add, rematch,
+    report --compare: the README's loop through the CLI (random weights: plumbing only)."""
+    import shutil
+
+    cached = str(runs["cached"])
+    rc, _, err = _run(
+        ["export", cached, "--format", "label-studio", "--dest", str(tmp_path / "ls")]
+    )
+    assert rc == 0, err
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    reviewed = []  # Label Studio's export after a review: the first region of each task deleted
+    for n, t in enumerate(tasks, 1):
+        result = t["predictions"][0]["result"][1:]
+        ann = {"id": n, "result": result, "was_cancelled": False, "ground_truth": False,
+               "updated_at": "2026-11-26T10:00:00Z", "task": n}  # fmt: skip
+        reviewed.append({"id": n, "data": t["data"], "annotations": [ann], "predictions": [n]})
+    deleted = sum(1 for t in tasks if t["predictions"][0]["result"])
+    assert deleted > 0
+    (tmp_path / "export.json").write_text(json.dumps(reviewed))
+    corrections = str(tmp_path / "corrections.json")
+    rc, out, err = _run(["import-review", cached, "--from", str(tmp_path / "export.json"),
+                         "--out", corrections])  # fmt: skip
+    assert rc == 0, err
+    assert f"0 new shots, {deleted} negatives" in out
+    bank = str(tmp_path / "bank.safetensors")
+    shutil.copy(tiny_setup["bank"], bank)
+    add = ["build-memory", "--add", "--out", bank, "--negatives", corrections,
+           "--references", corrections, "--preset", "tiny", "--random-weights"]  # fmt: skip
+    rc, out, err = _run(add)
+    assert rc == 0, err
+    assert 0 < sum(t.shape[0] for t in MemoryBank.load(bank).negatives.values()) <= deleted
+    rc, _, err = _run(["rematch", cached, "--memory", bank, "--out", str(tmp_path / "v2"),
+                       "--num-cpus", "2"])  # fmt: skip
+    assert rc == 0, err
+    rc, out, err = _run(["report", str(tmp_path / "v2"), "--compare", cached])
+    assert rc == 0, err
+    assert "before" in out and "images labelled differently" in out
+    assert '<section id="changes">' in (tmp_path / "v2" / "report.html").read_text()

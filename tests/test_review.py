@@ -234,3 +234,50 @@ def test_chosen_annotation_and_brush_rle():
     assert mask.shape == (H, W) and mask.sum() == 30 * 40
     with pytest.raises(ValueError, match="do not fit the region"):
         decode_brush_rle(region["value"]["rle"], W, W)
+
+
+# ------------------------------------------------------------------ report --compare
+
+
+def _rewrite(run: Path, items: dict[int, list[tuple[int, float, tuple]]]) -> None:
+    t = pq.read_table(run / "instances" / "part-a.parquet").to_pylist()
+    uri = {r["image_id"]: r["image_uri"] for r in pq.read_table(run / "images").to_pylist()}
+    rows = []
+    for iid, insts in items.items():
+        for cid, score, rect in insts:
+            y0, y1, x0, x1 = rect
+            rows.append({**t[0], "image_id": iid, "image_uri": uri[iid], "category_id": cid,
+                         "category_name": NAMES[cid], "score": score,
+                         "segmentation": rle_ops.encode_masks(_rect(*rect)[None])[0],
+                         "bbox": [x0, y0, x1 - x0, y1 - y0]})  # fmt: skip
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=INSTANCES_SCHEMA), run / "instances" / "part-a.parquet"
+    )
+
+
+def test_report_compare_shows_instances_per_class_before_and_after(run_dir, tmp_path):
+    import shutil
+
+    from jobs.report_compare import compare_runs
+
+    new = tmp_path / "new"
+    shutil.copytree(run_dir, new)
+    # after the review: the wrong dog of image 11 is gone, the dog of 13 is a cat now
+    _rewrite(new, {11: RUN[11][:1], 13: [(3, 0.7, (5, 45, 50, 95)), RUN[13][1]]})
+    c = compare_runs(str(new), str(run_dir), 0.5)
+    by = {k.name: k for k in c.classes}
+    assert (by["cat"].before, by["cat"].after, by["cat"].delta) == (2, 3, 1)
+    assert (by["dog"].before, by["dog"].after) == (2, 0) and by["dog"].mean_after is None
+    assert (by["cat"].above_before, by["cat"].above_after) == (1, 2)
+    assert (c.images_both, c.images_changed) == (3, 2)
+    rc, stdout, err = _run(
+        ["report", str(new), "--compare", str(run_dir), "--score-threshold", "0.5"]
+    )
+    assert rc == 0, err
+    lines = {ln.split()[0]: ln.split() for ln in stdout.splitlines() if ln.strip()}
+    assert lines["dog"][1:5] == ["7", "2", "0", "-2"] and lines["all"][1:4] == ["4", "3", "-1"]
+    assert "images labelled differently: 2 of 3" in stdout
+    page = (new / "report.html").read_text()
+    assert '<section id="changes">' in page and "2 of 3 labelled by both" in page
+    rc, _, err = _run(["report", str(new), "--compare", str(tmp_path / "nothing")])
+    assert rc == 2 and "--compare" in err and "nothing" in err
