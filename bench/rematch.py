@@ -17,10 +17,16 @@ rematch`` (matching the cached proposals and pooled features against the new ban
    (zstd-compressed column chunks, as stored): the proposals (``Proposals.to_bytes``) and
    the pooled features that the cache stores, and, for the choice, the target's DINOv2
    feature map (h x w x D float32) stored the same way, measured on ``--map-images``
-   images of the same run.
+   images of the same run. Since random weights give speckled masks (a worst case for the
+   proposals' boundary logits), the same number of object-like proposals (random ellipses
+   of ``bench/matching.py``, 1-40 % of the image each) is stored the same way too.
 
 Random weights (no checkpoint needed). With random weights nearly every grid prompt passes
 SAM2's IoU filter and masks are speckled, so proposal bytes are a worst case.
+
+``--rematch-settings`` runs several ``PipelineSettings`` of the rematch against the same
+full relabel (``default`` or overrides such as ``match_actors=2,match_torch_threads=1``);
+the first gives the headline speed-up.
 
     python bench/rematch.py                                    # tiny, 120 images, 2 rounds
     python bench/rematch.py --preset ntt --sam2-config sam2_hiera_t --n 2 --rounds 1 \\
@@ -43,6 +49,7 @@ import _common
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pipeline_overhead import parse_settings
 
 from pipeline.job import LabelJob, ensure_ray, run_label
 from pipeline.rematch import RematchJob, configs_of, open_cache, run_rematch
@@ -120,6 +127,23 @@ def feature_map_bytes(paths: list[Path], model: Any, method: Any) -> dict[str, f
     }
 
 
+def ellipse_proposal_bytes(n: int, model: Any) -> float:
+    """Stored bytes of one image's ``n`` object-like proposals (``Proposals.to_bytes``)."""
+    import torch
+    from matching import random_logits
+
+    from refseg_core.proposals import Proposals
+
+    size = model.sam2_image_size
+    logits = random_logits(n, size // 4)
+    props = Proposals(logits, torch.full((n,), 0.9), torch.zeros(n, 2), size, (size, size),
+                      (480, 640))  # fmt: skip
+    buf = io.BytesIO()
+    table = pa.table({"proposals": pa.array([props.to_bytes()], pa.binary())})
+    pq.write_table(table, buf, compression="zstd")
+    return float(len(buf.getvalue()))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=["tiny", "ntt"])
@@ -131,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=2, help="classes of bank A (B has one more)")
     p.add_argument("--map-images", type=int, default=8, help="images for the feature-map size")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--rematch-settings", nargs="+", default=["default"], metavar="SPEC",
+        help="rematch PipelineSettings to run, each 'default' or overrides; the first gives "
+        "the headline speed-up",
+    )  # fmt: skip
     p.add_argument("--out-dir", default=None, help="JSON folder (default bench/results)")
     args = p.parse_args(argv)
     hw = tuple(int(v) for v in args.image_size.split("x"))
@@ -170,36 +199,42 @@ def main(argv: list[str] | None = None) -> int:
         cache = open_cache(str(cached))
         preset_name, r_model, r_method = configs_of(cache)
 
-        def rematch(out: Path) -> float:
-            job = RematchJob(cache, bank_b, str(out), r_model, r_method, settings=settings,
-                             preset=preset_name)  # fmt: skip
+        variants = {f"rematch[{s}]": parse_settings(s) for s in args.rematch_settings}
+
+        def rematch(out: Path, side: str) -> float:
+            job = RematchJob(cache, bank_b, str(out), r_model, r_method,
+                             settings=variants[side], preset=preset_name)  # fmt: skip
             t0 = time.perf_counter()
             run_rematch(job)
             return time.perf_counter() - t0
 
         rows, speedups = [], []
+        sides = ["label", *variants]
         for rnd in range(args.rounds):
-            order = ["label", "rematch"] if rnd % 2 == 0 else ["rematch", "label"]
+            order = sides if rnd % 2 == 0 else sides[::-1]
             res: dict[str, Any] = {}
             for side in order:
                 load = _common.loadavg()[:1]
-                out = root / f"{side}_{rnd}"
-                s = label(bank_b, out, root / "images") if side == "label" else rematch(out)
-                res[side] = {"seconds": s, "load": max(load + _common.loadavg()[:1])}
+                out = root / f"out_{rnd}_{sides.index(side)}"
+                if side == "label":
+                    s = label(bank_b, out, root / "images")
+                else:
+                    s = rematch(out, side)
+                res[side] = {"seconds": s, "load": max(load + _common.loadavg()[:1]), "out": out}
                 print(f"  round {rnd}, {side}: {s:.1f} s", flush=True)
-            check = compare(root / f"label_{rnd}", root / f"rematch_{rnd}")
-            speedup = res["label"]["seconds"] / res["rematch"]["seconds"]
-            speedups.append(speedup)
-            for side in ("label", "rematch"):
+            speedups.append(res["label"]["seconds"] / res[sides[1]]["seconds"])
+            for side in sides:
                 r = res[side]
-                rows.append({
-                    "round": rnd, "side": "full label (bank B)" if side == "label" else
-                    "rematch (bank B)", "images": args.n, "seconds": r["seconds"],
-                    "images_per_s": args.n / r["seconds"], "load": r["load"],
-                    "speedup": speedup if side == "rematch" else "",
-                    "same_instances": check["same_instances"] if side == "rematch" else "",
-                    "max_score_diff": check["max_score_diff"] if side == "rematch" else "",
-                })  # fmt: skip
+                row = {"round": rnd, "side": "full label (bank B)" if side == "label" else
+                       f"{side} (bank B)", "images": args.n, "seconds": r["seconds"],
+                       "images_per_s": args.n / r["seconds"], "load": r["load"],
+                       "speedup": "", "same_instances": "", "max_score_diff": ""}  # fmt: skip
+                if side != "label":
+                    check = compare(res["label"]["out"], r["out"])
+                    row["speedup"] = res["label"]["seconds"] / r["seconds"]
+                    row["same_instances"] = check["same_instances"]
+                    row["max_score_diff"] = check["max_score_diff"]
+                rows.append(row)
         ray.shutdown()
         ok = pq.read_table(cached / "proposals", columns=["status", "n_proposals", "n_pooled",
                                                          "feature_dim"]).to_pylist()  # fmt: skip
@@ -215,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         "pooled_per_img": float(np.mean([r["n_pooled"] for r in ok])),
         "D": ok[0]["feature_dim"],
         "proposals_bytes": per["proposals"],
+        "proposals_bytes_ellipses": ellipse_proposal_bytes(
+            round(float(np.mean([r["n_proposals"] for r in ok]))), model
+        ),
         "pooled_bytes": per["pooled"],
         "feature_map_bytes": fmap["stored"],
         "feature_map_raw": fmap["raw"],

@@ -199,14 +199,20 @@ class RematchJob:
     s3_endpoint: str | None = None
 
 
+#: torch threads per rematch actor on CPU: matching without DINOv2 is many small tensor
+#: operations, which extra threads slow down (BENCHMARKS.md, section 6).
+CPU_MATCH_THREADS = 1
+
+
 def _resources(settings: PipelineSettings, gpus: float, cpus: float) -> Resources:
-    """One actor pool: matching gets every GPU (or, on CPU, one actor with every core)."""
+    """One actor pool: matching gets every GPU; on CPU one actor of one torch thread."""
     res = settings.resolve(gpus, cpus)
     if res.device == "cuda":
         per = settings.gpus_per_actor or 1.0
         actors = settings.match_actors or max(1, int(gpus / per))
         return dataclasses.replace(res, match_actors=actors, gpus_per_match_actor=per)
-    return res
+    threads = settings.match_torch_threads or settings.torch_threads or CPU_MATCH_THREADS
+    return dataclasses.replace(res, match_torch_threads=threads)
 
 
 def _plan(cache: ProposalCache, done: np.ndarray) -> tuple[list[dict[str, Any]], int]:

@@ -9,6 +9,8 @@ other instance as it was (same category, mask and score).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -125,6 +127,13 @@ def test_bank_keeps_negatives_beside_the_shots(banks):
         plain.class_negatives() is None
         and plain.to_bytes() == MemoryBank.from_bytes(plain.to_bytes()).to_bytes()
     )
+
+    def version(data: bytes) -> int:
+        n = int.from_bytes(data[:8], "little")
+        return json.loads(json.loads(data[8 : 8 + n])["__metadata__"]["refseg"])["version"]
+
+    # a bank without negatives is written as before (format 1, which older refseg reads)
+    assert version(plain.to_bytes()) == 1 and version(with_neg.to_bytes()) == 2
     back = MemoryBank.from_bytes(with_neg.to_bytes())
     assert sorted(back.negatives) == [RED] and back.negatives[RED].shape == (1, len(CLASSES))
     assert back.negative_records[RED][0].annotation_id == 800
