@@ -44,7 +44,7 @@ import pyarrow.fs as pafs
 from jobs.cmd_memory import KIND_KEY, write_bytes
 from jobs.export import iter_images, run_categories
 from jobs.label_studio import chosen_annotation, region_label, region_mask
-from pipeline.outputs import IMAGES_DIR
+from pipeline.outputs import IMAGES_DIR, iter_tables
 from pipeline.schema import image_id_from_uri
 from pipeline.storage import Location, resolve
 from refseg_core import rle as rle_ops
@@ -251,7 +251,11 @@ def _from_label_studio(text: str, source: str, out: Location, fix: Corrections) 
             f"{source} has no tasks with data and annotations: export the project from Label "
             'Studio as "JSON" (not JSON_MIN, CSV or COCO)'
         )
-    by_uri = {str(img["image_uri"]): int(img["image_id"]) for img, _ in iter_images(out)}
+    by_uri: dict[str, int] = {}
+    if any((t.get("data") or {}).get("refseg_image_id") is None for t in tasks):
+        for table in iter_tables(out, IMAGES_DIR, ["image_id", "image_uri"]):
+            by_uri.update(zip(table.column("image_uri").to_pylist(),
+                              table.column("image_id").to_pylist(), strict=True))  # fmt: skip
     ids = [_task_image(t, by_uri) for t in tasks]
     found = _run_images(out, {i for i in ids if i is not None})
     for task, image_id in zip(tasks, ids, strict=True):

@@ -70,14 +70,14 @@ def build_memory_bank(
     With ``negatives``, the annotations are negative references: each is encoded the same
     way and stored as a negative of its ``category_id``, a class the bank must have shots of.
     """
-    what = "negative reference" if negatives else "reference"
+    what, kind = ("negative reference", "negative") if negatives else ("reference", "shot")
     names = category_names(references)
     dup = {n for n in names.values() if list(names.values()).count(n) > 1}
     if dup:
         raise ValueError(f"duplicate category names in the references: {sorted(dup)}")
     shots = load_references(references)
     if not shots:
-        raise ValueError(f"the {what}s hold no annotations: nothing to add to the bank")
+        raise ValueError(f"the {what}s hold no annotations: nothing to build a bank from")
     if bank is None:
         if negatives:
             raise ValueError("negative references need a bank with positive shots to add to")
@@ -126,7 +126,7 @@ def build_memory_bank(
     empty = [f"{cid} ({names[cid]})" for cid, n in added.items() if n == 0 and cid not in present]
     if empty:
         raise ValueError(
-            f"no usable {what} for categories {', '.join(empty)}: their masks are "
-            "empty, outside the image or too small; add larger ones"
+            f"no usable {kind} for categories {', '.join(empty)}: their {what} masks are "
+            f"empty, outside the image or too small; add larger {what}s"
         )
     return bank

@@ -312,3 +312,25 @@ def test_the_review_loop_end_to_end(runs, tiny_setup, tmp_path):
     assert rc == 0, err
     assert "before" in out and "images labelled differently" in out
     assert '<section id="changes">' in (tmp_path / "v2" / "report.html").read_text()
+
+
+def test_check_fits_compares_checkpoint_hashes(runs):
+    """Checkpoints are compared by hash: the cache's against the bank's and the flags'."""
+    import dataclasses as dc
+
+    from pipeline.rematch import check_fits
+
+    cache = open_cache(str(runs["cached"]))
+    info = json.loads(json.dumps(cache.info))
+    info["encoder"]["dinov2_sha256"] = "d" * 64
+    info["sam2"]["sam2_sha256"] = "s" * 64
+    real = dc.replace(cache, info=info)
+    _, model, method = configs_of(cache)
+    bank = MemoryBank(encoder="vits14", image_size=112, meta={"dinov2_sha256": "e" * 64})
+    bank.add(ShotRecord(3, 1, 1), torch.ones(384), "car")
+    with pytest.raises(ValueError, match=r"DINOv2 weights e+, but the proposal cache"):
+        check_fits(real, bank, model=model, method=method)
+    bank.meta["dinov2_sha256"] = "d" * 64
+    check_fits(real, bank, model=model, method=method)  # same weights: fits
+    with pytest.raises(ValueError, match="sam2_checkpoint"):
+        check_fits(real, bank, model=model, method=method, checkpoints={"sam2": "t" * 64})

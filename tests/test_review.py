@@ -281,3 +281,15 @@ def test_report_compare_shows_instances_per_class_before_and_after(run_dir, tmp_
     assert '<section id="changes">' in page and "2 of 3 labelled by both" in page
     rc, _, err = _run(["report", str(new), "--compare", str(tmp_path / "nothing")])
     assert rc == 2 and "--compare" in err and "nothing" in err
+
+
+def test_a_task_without_refseg_ids_is_found_by_its_image_uri(run_dir, tmp_path):
+    tasks = json.loads(FIXTURE.read_text())
+    first = tasks[0]
+    del first["data"]["refseg_image_id"], first["data"]["refseg_instances"]
+    first["data"]["image"] = str(run_dir.parent / "img_11.png")
+    first["predictions"] = [{"result": [{"id": "11_0"}, {"id": "11_1"}]}]  # in full
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(tasks))
+    coco = import_review(str(run_dir), str(path))
+    assert coco == import_review(str(run_dir), str(FIXTURE)) | {"info": coco["info"]}
