@@ -27,9 +27,10 @@ QUICK = {
     "memory": ["--n", "2", "--factor", "4", "--image-size", "120x160"],
     "pipeline_overhead": ["--n", "6", "--image-size", "120x160"],
     "matching": ["--preset", "tiny", "--classes", "2", "--proposals", "50", "--sizes", "120x160"],
+    "rematch": ["--n", "4", "--rounds", "1", "--image-size", "120x160", "--no-warmup"],
     "gpu": ["--images", "8", "--warmup", "2", "--bf16"],
 }
-CPU = ("pooling", "matching", "bank", "pipeline_overhead", "memory")
+CPU = ("pooling", "matching", "bank", "pipeline_overhead", "memory", "rematch")
 
 
 def main(argv: list[str] | None = None) -> int:

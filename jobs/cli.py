@@ -58,6 +58,20 @@ COMMANDS: tuple[Command, ...] = (
         "label images (folder, URI prefix, manifest or COCO list) on Ray",
     ),
     Command(
+        "rematch",
+        "jobs.cmd_rematch",
+        "add_rematch_args",
+        "run_rematch",
+        "label a `label --cache-proposals` run again with another memory bank, without SAM2",
+    ),
+    Command(
+        "import-review",
+        "jobs.review",
+        "add_import_review_args",
+        "run_import_review",
+        "turn a Label Studio review (or a CSV of verdicts) into new shots and negatives",
+    ),
+    Command(
         "evaluate",
         "jobs.commands",
         "add_evaluate_args",

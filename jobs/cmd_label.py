@@ -66,6 +66,14 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
     for name, (typ, help_) in {**PIPELINE_FLAGS, **_JOB_FLAGS}.items():
         metavar = {int: "N", float: "X"}.get(typ, "URL")
         g.add_argument(flag(name), dest=name, type=typ, default=None, metavar=metavar, help=help_)
+    parser.add_argument(
+        "--cache-proposals",
+        action="store_true",
+        default=None,
+        help="also write OUT/proposals/ (SAM2 proposals and their pooled DINOv2 features) so "
+        "that `refseg rematch` can label the same images with another memory bank without "
+        "SAM2 or DINOv2",
+    )
     g.add_argument(
         "--all-files",
         action=argparse.BooleanOptionalAction,
@@ -185,8 +193,9 @@ def run_label(args: argparse.Namespace) -> int:
         allow_outside_root=bool(_job_value(args, file_cfg, "allow_outside_root")),
     )
     env = {"AWS_ENDPOINT_URL": source.s3_endpoint} if source.s3_endpoint else {}
-    with scoped_env(env):  # fsspec reads the bank through the same endpoint
-        _check_bank(args.memory, model, preflight(model)["dinov2"])
+    with scoped_env(env):  # fsspec reads the bank (and checkpoints) through the same endpoint
+        hashes = preflight(model)
+        _check_bank(args.memory, model, hashes["dinov2"])
     num_cpus = _job_value(args, file_cfg, "num_cpus")
     interval = _job_value(args, file_cfg, "progress_interval")
     progress = ProgressOptions(
@@ -205,6 +214,8 @@ def run_label(args: argparse.Namespace) -> int:
         retry_errors=bool(_job_value(args, file_cfg, "retry_errors")),
         take_over_lock=bool(getattr(args, "take_over_lock", None)),
         progress=progress,
+        cache_proposals=bool(_job_value(args, file_cfg, "cache_proposals")),
+        checkpoints=hashes,
     )
     summary = run_job(job)
     print(summary.line())

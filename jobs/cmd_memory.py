@@ -100,18 +100,29 @@ def run_sample_references(args: argparse.Namespace) -> int:
 def add_build_memory_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--references",
-        required=True,
         metavar="REFS.json",
-        help="COCO file of the shots (from `refseg sample-references` or your own)",
+        help="COCO file of the shots (from `refseg sample-references`, `refseg import-review` "
+        'or your own); annotations marked "refseg_kind": "negative" are skipped',
     )
     parser.add_argument(
-        "--images", required=True, metavar="ROOT", help="folder or URI prefix of the images"
+        "--negatives",
+        metavar="NEG.json",
+        help="COCO file of things that must NOT get a category: each annotation's "
+        "category_id names the class it is not (a class of the bank); annotations marked "
+        '"refseg_kind": "shot" are skipped',
+    )
+    parser.add_argument(
+        "--images",
+        default="",
+        metavar="ROOT",
+        help="folder or URI prefix that relative file_names are under (absolute paths and "
+        "URIs, as `refseg import-review` writes, need none)",
     )
     parser.add_argument("--out", required=True, metavar="BANK", help="memory bank file to write")
     parser.add_argument(
         "--add",
         action="store_true",
-        help="add the shots and classes to the existing BANK instead of replacing it",
+        help="add the shots, classes and negatives to the existing BANK instead of replacing it",
     )
     parser.add_argument("--cache-dir", metavar="DIR", help="checkpoint cache ($REFSEG_CACHE)")
     add_model_args(parser)
@@ -133,17 +144,32 @@ def dinov2_checkpoint_uri(model: ModelConfig) -> str | None:
     return resolve_checkpoint(spec).uri
 
 
-def _new_shots_only(refs: dict[str, Any], bank: Any, path: str) -> dict[str, Any]:
+#: Key that marks an annotation of a corrections file (``refseg import-review``) as a new
+#: shot or a negative, so that one file serves both --references and --negatives.
+KIND_KEY = "refseg_kind"
+
+
+def _of_kind(coco: dict[str, Any], kind: str) -> dict[str, Any]:
+    """``coco`` without the annotations marked as the other kind (shot / negative)."""
+    other = "negative" if kind == "shot" else "shot"
+    return {**coco, "annotations": [a for a in coco["annotations"] if a.get(KIND_KEY) != other]}
+
+
+def _new_shots_only(
+    refs: dict[str, Any], bank: Any, path: str, *, negatives: bool = False
+) -> dict[str, Any]:
     """``refs`` without the shots (same annotation and image id) already in ``bank``."""
-    present = {(r.annotation_id, r.image_id) for recs in bank.records.values() for r in recs}
+    records = bank.negative_records if negatives else bank.records
+    present = {(r.annotation_id, r.image_id) for recs in records.values() for r in recs}
     anns = refs["annotations"]
     is_dup = [(int(a["id"]), int(a["image_id"])) in present for a in anns]
     keep = [a for a, d in zip(anns, is_dup, strict=True) if not d]
     if len(keep) < len(anns):
         dup = sorted(int(a["id"]) for a, d in zip(anns, is_dup, strict=True) if d)
         more = ", ..." if len(dup) > 20 else ""
+        what = "negatives" if negatives else "shots"
         print(
-            f"refseg build-memory: {len(dup)} shots already in {path} are not added again "
+            f"refseg build-memory: {len(dup)} {what} already in {path} are not added again "
             f"(annotation ids {str(dup[:20])[1:-1]}{more})"
         )
     return {**refs, "annotations": keep}
@@ -167,16 +193,28 @@ def run_build_memory(args: argparse.Namespace) -> int:
     from refseg_core.memory_bank import MemoryBank
     from refseg_core.references import build_memory_bank
 
-    refs = load_coco(args.references)
+    if not args.references and not args.negatives:
+        raise ValueError("pass --references REFS.json, --negatives NEG.json, or both")
+    refs = _of_kind(load_coco(args.references), "shot") if args.references else None
+    negs = _of_kind(load_coco(args.negatives), "negative") if args.negatives else None
+    if negs is not None and refs is None and not args.add:
+        raise ValueError(
+            "negatives are added to a bank with positive shots: pass --add to add them to "
+            f"{args.out}, or --references to build the bank in the same call"
+        )
     preset, model, method = resolve_configs(args)
     bank = MemoryBank.load(args.out) if args.add else None
-    before = {"classes": 0, "shots": 0}
+    before = {"classes": 0, "shots": 0, "negatives": 0}
     if bank is not None:
         before = {"classes": len(bank.category_ids), "shots": len(bank)}
-        refs = _new_shots_only(refs, bank, args.out)
-        if not refs["annotations"]:
-            print(f"refseg build-memory: nothing new to add; {args.out} unchanged")
-            return 0
+        before["negatives"] = _n_negatives(bank)
+        refs = _new_shots_only(refs, bank, args.out) if refs is not None else None
+        negs = _new_shots_only(negs, bank, args.out, negatives=True) if negs is not None else None
+    refs = refs if refs is not None and refs["annotations"] else None
+    negs = negs if negs is not None and negs["annotations"] else None
+    if refs is None and negs is None:
+        print(f"refseg build-memory: nothing new to add; {args.out} unchanged")
+        return 0
     encoder = build_encoder(model, method)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     meta: dict[str, Any] = {
@@ -191,25 +229,37 @@ def run_build_memory(args: argparse.Namespace) -> int:
     else:
         _check_same_weights(bank, meta, args.out)
         meta["updated"] = now
-    bank = build_memory_bank(
-        encoder,
-        refs,
-        args.images,
-        bank=bank,
-        context_scale=method.context_scale,
-        min_weight=method.min_mask_weight,
-        meta=meta,
-    )
+    for coco, negatives in ((refs, False), (negs, True)):
+        if coco is not None:
+            bank = build_memory_bank(
+                encoder,
+                coco,
+                args.images,
+                bank=bank,
+                context_scale=method.context_scale,
+                min_weight=method.min_mask_weight,
+                meta=meta,
+                negatives=negatives,
+            )
+    assert bank is not None
     data = bank.to_bytes()
     write_bytes(args.out, data)
     added = ""
     if args.add:
         added = (
             f" (+{len(bank.category_ids) - before['classes']} classes, "
-            f"+{len(bank) - before['shots']} shots)"
+            f"+{len(bank) - before['shots']} shots"
         )
+        if negs is not None:
+            added += f", +{_n_negatives(bank) - before['negatives']} negatives"
+        added += ")"
+    negatives = f", {_n_negatives(bank)} negatives" if bank.negatives else ""
     print(
-        f"refseg build-memory: {len(bank.category_ids)} classes, {len(bank)} shots{added}, "
-        f"{len(data) / 1024:.1f} KiB -> {args.out}"
+        f"refseg build-memory: {len(bank.category_ids)} classes, {len(bank)} shots"
+        f"{negatives}{added}, {len(data) / 1024:.1f} KiB -> {args.out}"
     )
     return 0
+
+
+def _n_negatives(bank: Any) -> int:
+    return sum(int(t.shape[0]) for t in bank.negatives.values())

@@ -17,7 +17,10 @@ Formats (written under ``--dest``, a local folder, default ``OUT/export-<format>
   local images into ``images/`` so that Ultralytics' images -> labels path rule holds.
 * ``coco``: ``annotations.json``, a COCO dataset (RLE masks, ``score`` kept).
 * ``label-studio``: ``tasks.json`` (tasks with ``polygonlabels`` predictions, points in
-  percent of the image size, ``model_version`` "refseg") and ``label_config.xml``.
+  percent of the image size, ``model_version`` "refseg") and ``label_config.xml``. Region
+  ids are ``<image_id>_<k>``, k the instance's rank in its image in the run, and each
+  task's data lists the ranks it shows (``refseg_instances``), so that ``refseg
+  import-review`` can read the reviewed export back.
 """
 
 from __future__ import annotations
@@ -290,11 +293,13 @@ def _write_label_studio(out: Location, dest: Path, th: Thresholds, cats: dict[in
         for img, rows in iter_images(out):
             s.images += 1
             w, h = int(img["width"]), int(img["height"])
-            results = []
-            for k, r in enumerate(_kept(rows, th, s)):
-                poly = _polygon(r)
+            results, shown = [], []
+            kept = {id(r) for r in _kept(rows, th, s)}
+            for k, r in enumerate(rows):  # k: the instance's rank in its image in the run
+                poly = _polygon(r) if id(r) in kept else ()
                 if len(poly) < 3:
                     continue
+                shown.append(k)
                 pts = np.clip(poly / [w, h] * 100.0, 0.0, 100.0).round(4).tolist()
                 value = {"points": pts, "closed": True, "polygonlabels": [cats[r["category_id"]]]}
                 item = {"id": f"{img['image_id']}_{k}", "type": "polygonlabels", "value": value}
@@ -304,6 +309,7 @@ def _write_label_studio(out: Location, dest: Path, th: Thresholds, cats: dict[in
             score = float(np.mean([r["score"] for r in results])) if results else 0.0
             pred = {"model_version": MODEL_VERSION, "score": score, "result": results}
             data = {"image": img["image_uri"], "refseg_image_id": int(img["image_id"])}
+            data["refseg_instances"] = shown  # what the task shows (`refseg import-review`)
             yield {"data": data, "predictions": [pred]}
 
     with atomic_text(resolve(str(dest / "tasks.json"))) as f:

@@ -47,6 +47,8 @@ _METHOD_HELP = {
     "soft_merge": "semantic-aware soft merging of overlapping same-class instances",
     "merge_power": "exponent of (1 - IoS) in soft merging",
     "score_threshold": "drop instances scoring at or below this",
+    "negative_margin": "rule a class out when a negative of it is at least as close as its "
+    "prototype minus this margin (banks with negatives only; default 0)",
     "autocast_bf16": "run both backbones under bf16 autocast and the fast decoder in bf16 "
     "(speed option on GPUs and CPUs with bf16 support)",
     "merge_resolution": "full: soft-merge at image size (the paper); lowres: merge the "

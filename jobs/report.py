@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
@@ -39,6 +40,9 @@ from jobs.report_render import (
 )
 from refseg_core import coco
 
+if TYPE_CHECKING:
+    from jobs.report_compare import RunComparison
+
 
 def write_report(
     out: str,
@@ -47,6 +51,7 @@ def write_report(
     score_threshold: float = 0.0,
     max_images: int = 48,
     dest: str | None = None,
+    compare: str | RunComparison | None = None,
 ) -> str:
     """Write the review page of the run folder ``out``; return its path/URI.
 
@@ -58,6 +63,9 @@ def write_report(
         score_threshold: instances scoring below it are not drawn (they still count).
         max_images: images in the overlay grid (lowest ids, images with instances first).
         dest: where to write; default ``out/report.html``.
+        compare: an earlier run of the same images (e.g. before a rematch with a corrected
+            bank), or its ``compare_runs`` result; the page gets a ``Changes`` section
+            (jobs/report_compare.py).
     """
     if not np.isfinite(score_threshold):
         raise ValueError(f"score_threshold must be finite, got {score_threshold}")
@@ -72,6 +80,13 @@ def write_report(
         )
     run = run if isinstance(run, dict) else {}
     gt = coco.load_coco(ground_truth) if isinstance(ground_truth, str) else ground_truth
+    changes = ""
+    if compare is not None:
+        from jobs.report_compare import compare_html, compare_runs
+
+        if isinstance(compare, str):
+            compare = compare_runs(out, compare, score_threshold)
+        changes = compare_html(compare)
     stats = class_stats(instances, score_threshold)
     summary = summarise_images(images, instances, max_images)
     ids = [r.image_id for r in summary.sample]
@@ -95,6 +110,7 @@ def write_report(
         run=run,
         threshold=score_threshold,
         has_gt=gt is not None,
+        changes_html=changes,
     )
     target = dest or _join(out, "report.html")
     with fsspec.open(target, "w", encoding="utf-8") as f:
@@ -121,17 +137,32 @@ def add_report_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--out", metavar="PATH", dest="dest", default=None,
         help="where to write the page (default OUT/report.html)",
     )  # fmt: skip
+    parser.add_argument(
+        "--compare", metavar="OLD", default=None,
+        help="an earlier run of the same images: show what changed (instances per class "
+        "before and after, images labelled differently); also printed",
+    )  # fmt: skip
     return parser
 
 
 def run_report(args: argparse.Namespace) -> int:
-    """Run ``refseg report`` from parsed arguments; print the page's path; return 0."""
+    """Run ``refseg report`` from parsed arguments; print the page's path; return 0.
+
+    With ``--compare OLD`` the changes are printed too.
+    """
+    compare = None
+    if args.compare:
+        from jobs.report_compare import compare_runs, compare_text
+
+        compare = compare_runs(args.run_dir, args.compare, args.score_threshold)
+        print(compare_text(compare))
     path = write_report(
         args.run_dir,
         ground_truth=args.ground_truth,
         score_threshold=args.score_threshold,
         max_images=args.max_images,
         dest=args.dest,
+        compare=compare,
     )
     print(path)
     return 0

@@ -360,8 +360,9 @@ def build_page(
     run: Mapping[str, Any],
     threshold: float,
     has_gt: bool,
+    changes_html: str = "",
 ) -> str:
-    """The whole HTML page (every text escaped)."""
+    """The whole HTML page (every text escaped; ``changes_html`` is escaped HTML)."""
     n_inst = sum(s.count for s in stats.values())
     cards = _cards(
         [
@@ -382,7 +383,7 @@ def build_page(
 <title>refseg report: {_esc(out)}</title><style>{_CSS}</style></head><body>
 <h1>refseg report</h1><p class="muted">run: {_esc(out)}</p>
 <section id="summary"><h2>Summary</h2>{cards}
-<h3>Instances per class</h3>{_class_table(stats, threshold)}</section>
+<h3>Instances per class</h3>{_class_table(stats, threshold)}</section>{changes_html}
 <section id="overlays"><h2>Overlays</h2><p class="muted">{len(tiles)} images (lowest ids,
 images with instances first); instances with score &lt; {threshold:g} hidden.{gt_note}</p>
 <div class="grid">{grid}</div></section>

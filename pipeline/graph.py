@@ -44,8 +44,12 @@ def build_graph(
     settings: PipelineSettings,
     resources: Resources,
     out: Location,
+    cache_proposals: bool = False,
 ) -> ray.data.Dataset:
-    """Wire the stages; returns a dataset of small per-image summary rows."""
+    """Wire the stages; returns a dataset of small per-image summary rows.
+
+    With ``cache_proposals`` the write tasks also write the proposal cache (``proposals/``).
+    """
     _retry_transient_io_errors(source)
     actor_model = ModelConfig(**{**model.__dict__, "device": resources.device})
     ds = source.map_batches(
@@ -78,6 +82,7 @@ def build_graph(
             "method": method,
             "bank_bytes": bank_bytes,
             "torch_threads": resources.match_torch_threads,
+            "cache_proposals": cache_proposals,
         },
         compute=ActorPoolStrategy(size=resources.match_actors),
         batch_size=settings.match_batch_size,

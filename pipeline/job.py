@@ -20,6 +20,7 @@ from pipeline import outputs
 from pipeline.graph import build_graph
 from pipeline.lock import hold_out
 from pipeline.progress import ProgressOptions, ProgressReporter
+from pipeline.proposal_cache import cache_record
 from pipeline.redo import begin_run, settle
 from pipeline.run_record import package_versions, start_record, write_run_record
 from pipeline.schema import Col
@@ -49,6 +50,11 @@ class LabelJob:
     retry_errors: bool = False  # run the images of earlier error rows again
     take_over_lock: bool = False  # take over an S3 lease another run holds (lock.py)
     progress: ProgressOptions = field(default_factory=ProgressOptions)
+    # write OUT/proposals/ for `refseg rematch` (pipeline.proposal_cache)
+    cache_proposals: bool = False
+    # SHA-256 of the checkpoints the models load, as resolved before the run (official
+    # defaults included); None: only the explicitly given checkpoints are hashed
+    checkpoints: dict[str, str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -250,6 +256,7 @@ def _run_holding_out(
     bank_bytes = bank.to_bytes()
     bank_sha = hashlib.sha256(bank_bytes).hexdigest()
     fingerprint = _config_fingerprint(job, bank_sha)
+    _check_cache_resume(out, job.cache_proposals)
     # fingerprint and run.json before any change; clean-up, targets and what runs again
     plan = begin_run(
         job.source,
@@ -285,6 +292,7 @@ def _run_holding_out(
             settings=job.settings,
             resources=res,
             out=out,
+            cache_proposals=job.cache_proposals,
         )
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -343,6 +351,9 @@ def _run_holding_out(
         },
         "ray": {"address": os.environ.get("RAY_ADDRESS", "local")},
     }
+    if job.cache_proposals:
+        hashes = job.checkpoints or _checkpoint_hashes(job.model)
+        record["proposal_cache"] = cache_record(job.model, job.method, hashes)
     write_run_record(out, record)
     progress.finish("done")
     return LabelSummary(
@@ -354,6 +365,22 @@ def _run_holding_out(
         len(done),
         out.uri,
     )
+
+
+def _check_cache_resume(out: Location, cache_proposals: bool) -> None:
+    """Refuse to resume a run with the proposal cache switched on or off half-way."""
+    finished, cached = outputs.finished_parts(out), outputs.cached_parts(out)
+    if cache_proposals and len(cached) < len(finished):
+        raise ValueError(
+            f"{out.uri} holds {len(finished) - len(cached)} finished parts labelled without "
+            "--cache-proposals: a cache must cover every image, so use a new --out (or "
+            "delete the old outputs to relabel)"
+        )
+    if not cache_proposals and cached:
+        raise ValueError(
+            f"{out.uri} was labelled with --cache-proposals: rerun with --cache-proposals "
+            "to resume it, or use a new --out"
+        )
 
 
 def _totals(out: Location) -> dict[str, Any]:

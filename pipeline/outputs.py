@@ -4,6 +4,8 @@ OUT/
   instances/part-<key>.parquet   one row per instance (INSTANCES_SCHEMA)
   images/part-<key>.parquet      one row per input image (IMAGES_SCHEMA); written after the
                                  instances part of the same key: it is the completion marker
+  proposals/part-<key>.parquet   with --cache-proposals: the proposal cache of the same
+                                 images (pipeline.proposal_cache), written first
   coco_results.json, coco_dataset.json, run.json   each written whole (pipeline/atomic.py)
   lock.json                      who holds OUT while a run is in progress (pipeline/lock.py)
 
@@ -30,6 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_output
+from pipeline.proposal_cache import PROPOSALS_DIR, cache_table
 from pipeline.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, Col
 from pipeline.storage import Location, put_atomic
 from refseg_core.coco import write_json_array
@@ -39,6 +42,7 @@ __all__ = [
     "write_parts",
     "finished_parts",
     "has_parts",
+    "cached_parts",
     "done_image_ids",
     "remove_orphans",
     "remove_temporaries",
@@ -97,8 +101,13 @@ def instances_blob(table: pa.Table) -> bytes:
 
 
 def write_parts(batch: dict[str, np.ndarray], *, out: Location) -> dict[str, np.ndarray]:
-    """Write one batch's instances part, then its images part; return a small summary."""
+    """Write one batch's instances part, then its images part; return a small summary.
+
+    A batch that carries the proposal cache (``Col.POOLED``) writes its proposals part first.
+    """
     key = part_key(batch[Col.IMAGE_ID])
+    if Col.POOLED in batch:
+        _write_table(out.child(PROPOSALS_DIR, f"part-{key}.parquet"), cache_table(batch))
     tables = [pa.ipc.open_stream(b).read_all() for b in batch[Col.INSTANCES] if len(b)]
     inst = pa.concat_tables(tables) if tables else INSTANCES_SCHEMA.empty_table()
     images = _images_table(batch)
@@ -136,21 +145,31 @@ def finished_parts(out: Location) -> list[str]:
     return sorted(_list_parts(out.child(IMAGES_DIR)))
 
 
+def cached_parts(out: Location) -> list[str]:
+    """Names of the finished parts that have a proposal-cache part."""
+    return sorted(_list_parts(out.child(PROPOSALS_DIR)) & set(finished_parts(out)))
+
+
 def remove_orphans(out: Location) -> int:
     """Delete the parts of interrupted batches; return how many. Call it holding OUT's lock.
 
-    An instances part without its images part is a batch cut short: its images run again.
-    An images part without its instances part cannot come from a writer (the instances
-    part is written first) but from a deletion, e.g. a second run's clean-up in earlier
-    versions: it is removed too, so that its images run again rather than the COCO
-    assembly failing on the missing part.
+    An instances (or proposal-cache) part without its images part is a batch cut short: its
+    images run again. An images part without its instances part cannot come from a writer
+    (the instances part is written first) but from a deletion, e.g. a second run's clean-up
+    in earlier versions: it is removed too, so that its images run again rather than the
+    COCO assembly failing on the missing part.
     """
     instances, images = _list_parts(out.child(INSTANCES_DIR)), _list_parts(out.child(IMAGES_DIR))
     for name in sorted(images - instances):  # the completion marker first
         out.fs.delete_file(out.child(IMAGES_DIR, name).path)
-    for name in sorted(instances - images):
-        out.fs.delete_file(out.child(INSTANCES_DIR, name).path)
-    return len(images ^ instances)
+    finished = images & instances
+    batches = images - instances
+    for kind, names in ((INSTANCES_DIR, instances), (PROPOSALS_DIR, None)):
+        names = _list_parts(out.child(kind)) if names is None else names
+        for name in sorted(names - finished):
+            out.fs.delete_file(out.child(kind, name).path)
+            batches.add(name)
+    return len(batches)
 
 
 def remove_temporaries(out: Location) -> int:
@@ -158,7 +177,8 @@ def remove_temporaries(out: Location) -> int:
     if not out.is_local:
         return 0
     removed = 0
-    for folder in (out.path, out.child(INSTANCES_DIR).path, out.child(IMAGES_DIR).path):
+    folders = (INSTANCES_DIR, IMAGES_DIR, PROPOSALS_DIR)
+    for folder in (out.path, *(out.child(f).path for f in folders)):
         try:
             names = os.listdir(folder)
         except OSError:

@@ -14,9 +14,10 @@ further rows of the same file under other ids (earlier versions listed a file on
 spelling) are removed.
 
 Removal rewrites a part without the rows: the old images part (the completion marker)
-is deleted first, then the kept rows are written as a new part (instances, then images),
-then the old instances part is deleted. At any interruption the parts on OUT are
-consistent: at worst some kept images lose their marker and run again.
+is deleted first, then the kept rows are written as a new part (proposal cache where the
+run keeps one, instances, then images), then the old parts are deleted. At any
+interruption the parts on OUT are consistent: at worst some kept images lose their marker
+and run again.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import pyarrow.parquet as pq
 from pipeline import outputs
 from pipeline.identity import Listing, canonical_uri
 from pipeline.outputs import IMAGES_DIR, INSTANCES_DIR, finished_parts, part_key
+from pipeline.proposal_cache import PROPOSALS_DIR
 from pipeline.run_record import check_fingerprint, write_run_record
 from pipeline.schema import Col
 from pipeline.sources import ImageSource, list_targets
@@ -168,21 +170,26 @@ def retire(out: Location, drop: dict[str, set[int]]) -> int:
     """Remove the rows (and instances) of ``drop[part] = image ids`` from those finished
     parts; return how many image rows were removed. Call it holding OUT's lock."""
     removed = 0
+    cached = set(outputs.cached_parts(out)) if drop else set()
     for name, gone in sorted(drop.items()):
         if not gone:
             continue
-        images_loc, inst_loc = out.child(IMAGES_DIR, name), out.child(INSTANCES_DIR, name)
-        images, inst = _read(images_loc), _read(inst_loc)
+        # the proposal cache's part (--cache-proposals) first, as the writer does
+        dirs = ([PROPOSALS_DIR] if name in cached else []) + [INSTANCES_DIR, IMAGES_DIR]
+        tables = {d: _read(out.child(d, name)) for d in dirs}
         gone_arr = pa.array(sorted(gone), pa.int64())
-        keep_images = images.filter(pc.invert(pc.is_in(images.column(Col.IMAGE_ID), gone_arr)))
-        keep_inst = inst.filter(pc.invert(pc.is_in(inst.column(Col.IMAGE_ID), gone_arr)))
-        removed += images.num_rows - keep_images.num_rows
-        out.fs.delete_file(images_loc.path)  # the marker first: see the module docstring
-        if keep_images.num_rows:
-            key = part_key(keep_images.column(Col.IMAGE_ID).to_numpy())
-            outputs._write_table(out.child(INSTANCES_DIR, f"part-{key}.parquet"), keep_inst)
-            outputs._write_table(out.child(IMAGES_DIR, f"part-{key}.parquet"), keep_images)
-        out.fs.delete_file(inst_loc.path)
+        kept = {
+            d: t.filter(pc.invert(pc.is_in(t.column(Col.IMAGE_ID), gone_arr)))
+            for d, t in tables.items()
+        }
+        removed += tables[IMAGES_DIR].num_rows - kept[IMAGES_DIR].num_rows
+        out.fs.delete_file(out.child(IMAGES_DIR, name).path)  # the marker first (docstring)
+        if kept[IMAGES_DIR].num_rows:
+            key = part_key(kept[IMAGES_DIR].column(Col.IMAGE_ID).to_numpy())
+            for d in dirs:
+                outputs._write_table(out.child(d, f"part-{key}.parquet"), kept[d])
+        for d in dirs[:-1]:
+            out.fs.delete_file(out.child(d, name).path)
     return removed
 
 

@@ -25,6 +25,7 @@ class Col:
     STATUS = "status"
     ERROR = "error"
     PROPOSALS = "proposals"  # Proposals.to_bytes()
+    POOLED = "pooled"  # float32 (n_pooled, feature_dim) bytes (pipeline.proposal_cache)
     INSTANCES = "instances"  # Arrow IPC stream of INSTANCES_SCHEMA rows of one image
     N_INSTANCES = "n_instances"
     SECONDS = "seconds"

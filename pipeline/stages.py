@@ -17,16 +17,17 @@ import torch
 
 from pipeline.decode import error_text
 from pipeline.outputs import instances_blob
+from pipeline.proposal_cache import pooled_from_bytes, pooled_to_bytes
 from pipeline.schema import Col
 from refseg_core.config import MethodConfig, ModelConfig
 from refseg_core.factory import build_encoder, build_proposer
 from refseg_core.imaging import PreparedTarget
-from refseg_core.matching import Matcher
+from refseg_core.matching import Matcher, PooledMatcher
 from refseg_core.memory_bank import MemoryBank
 from refseg_core.proposals import Proposals
 from refseg_core.tensors import stack_targets
 
-__all__ = ["ProposalStage", "MatchStage"]
+__all__ = ["ProposalStage", "MatchStage", "RematchStage"]
 
 log = logging.getLogger(__name__)
 Batch = dict[str, np.ndarray]
@@ -104,7 +105,12 @@ class ProposalStage:
 
 
 class MatchStage:
-    """Actor holding the memory bank: DINOv2 matching, masks encoded to RLE here."""
+    """Actor holding the memory bank: DINOv2 matching, masks encoded to RLE here.
+
+    With ``cache_proposals`` the batch keeps its ``proposals`` column and gains the pooled
+    features (``Col.POOLED``, ``n_proposals``, ``n_pooled``, ``feature_dim``) for the
+    proposal cache (pipeline.proposal_cache).
+    """
 
     def __init__(
         self,
@@ -112,12 +118,14 @@ class MatchStage:
         method: MethodConfig,
         bank_bytes: bytes,
         torch_threads: int | None,
+        cache_proposals: bool = False,
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         bank = MemoryBank.from_bytes(bank_bytes, source="memory bank")
         self.matcher = Matcher(build_encoder(model, method), bank, method)
         self.names = dict(bank.names)
+        self.cache_proposals = cache_proposals
 
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch[Col.IMAGE_ID])
@@ -132,12 +140,15 @@ class MatchStage:
             out = []
             for k, i in enumerate(idx):
                 t1 = time.perf_counter()
-                inst = self.matcher.match(Proposals.from_bytes(batch[Col.PROPOSALS][i]), feats[k])
+                props = Proposals.from_bytes(batch[Col.PROPOSALS][i])
+                pooled = self.matcher.pool(props, feats[k])
+                inst = self.matcher.match_pooled(props, pooled)
                 t2 = time.perf_counter()
                 table = inst.with_rles(drop_masks=True).to_arrow(
                     int(batch[Col.IMAGE_ID][i]), str(batch[Col.IMAGE_URI][i]), self.names
                 )
-                out.append((instances_blob(table), table.num_rows))
+                cache = (pooled_to_bytes(pooled), len(props), *pooled.shape)
+                out.append((instances_blob(table), table.num_rows, cache))
                 t_match[i] = t2 - t1
                 t_encode[i] = time.perf_counter() - t2
             share = (time.perf_counter() - t0 - t_match[idx].sum() - t_encode[idx].sum()) / len(idx)
@@ -152,5 +163,68 @@ class MatchStage:
             [ok[i][1] if i in ok else 0 for i in range(n)], np.int32
         )
         batch[Col.T_MATCH], batch[Col.T_ENCODE] = t_match, t_encode
-        del batch[Col.SQUARE], batch[Col.PROPOSALS]
+        del batch[Col.SQUARE]
+        if not self.cache_proposals:
+            del batch[Col.PROPOSALS]
+            return batch
+        cache = [ok[i][2] if i in ok else (b"", 0, 0, 0) for i in range(n)]
+        batch[Col.POOLED] = np.asarray([c[0] for c in cache], dtype=object)
+        for k, name in enumerate(("n_proposals", "n_pooled", "feature_dim"), 1):
+            batch[name] = np.asarray([c[k] for c in cache], dtype=np.int32)
         return batch
+
+
+class RematchStage:
+    """Actor holding a memory bank: matches cached proposals and pooled features (no model).
+
+    Input rows are proposal-cache rows (pipeline.proposal_cache); the output has the
+    columns ``MatchStage`` gives the writer (instances as Arrow IPC, per-stage seconds).
+    """
+
+    def __init__(
+        self, method: MethodConfig, bank_bytes: bytes, device: str, torch_threads: int | None
+    ):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        bank = MemoryBank.from_bytes(bank_bytes, source="memory bank")
+        self.matcher = PooledMatcher(bank, method, device=device)
+        self.names = dict(bank.names)
+
+    def __call__(self, batch: Batch) -> Batch:
+        n = len(batch[Col.IMAGE_ID])
+        rows = np.nonzero(batch[Col.STATUS] == "ok")[0]
+        t_match, t_encode = np.zeros(n), np.zeros(n)
+
+        def run(idx: list[int]) -> list[tuple[bytes, int]]:
+            out = []
+            for i in idx:
+                t1 = time.perf_counter()
+                props = Proposals.from_bytes(batch[Col.PROPOSALS][i])
+                dim = int(batch["feature_dim"][i])
+                pooled = pooled_from_bytes(batch[Col.POOLED][i], int(batch["n_pooled"][i]), dim)
+                inst = self.matcher.match_pooled(props, pooled)
+                t2 = time.perf_counter()
+                table = inst.with_rles(drop_masks=True).to_arrow(
+                    int(batch[Col.IMAGE_ID][i]), str(batch[Col.IMAGE_URI][i]), self.names
+                )
+                out.append((instances_blob(table), table.num_rows))
+                t_match[i], t_encode[i] = t2 - t1, time.perf_counter() - t2
+            return out
+
+        results = _per_image(batch, rows, run) if len(rows) else {}
+        _mark_errors(batch, results)
+        ok = {i: r for i, r in results.items() if not isinstance(r, BaseException)}
+        return {
+            Col.IMAGE_ID: batch[Col.IMAGE_ID],
+            Col.IMAGE_URI: batch[Col.IMAGE_URI],
+            Col.WIDTH: batch[Col.WIDTH],
+            Col.HEIGHT: batch[Col.HEIGHT],
+            Col.STATUS: batch[Col.STATUS],
+            Col.ERROR: batch[Col.ERROR],
+            Col.INSTANCES: np.asarray([ok[i][0] if i in ok else b"" for i in range(n)], object),
+            Col.N_INSTANCES: np.asarray([ok[i][1] if i in ok else 0 for i in range(n)], np.int32),
+            Col.T_DECODE: np.zeros(n),  # a rematch reads the cache: no decode, no SAM2
+            Col.T_PROPOSE: np.zeros(n),
+            Col.T_MATCH: t_match,
+            Col.T_ENCODE: t_encode,
+        }

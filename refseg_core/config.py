@@ -63,6 +63,10 @@ class MethodConfig:
     max_instances: int = 100
     score_threshold: float = 0.0
     box_convention: BoxConvention = "ntt"
+    # negative references (refseg's addition; no effect on a bank without negatives): a class
+    # is ruled out for a proposal whose cosine to one of its negatives is at least its
+    # cosine to the class prototype minus this margin
+    negative_margin: float = 0.0
     # speed options (off by default: the paper runs float32 and merges at full resolution)
     # "fast": SAM2's mask decoder with each image's shared work done once
     # (refseg_core.decoder; equal outputs up to float rounding); "stock": SAM2's own call

@@ -98,6 +98,13 @@ class SharedImageDecoder:
     """
 
     def __init__(self, model: torch.nn.Module, *, dtype: torch.dtype = torch.float32) -> None:
+        from sam2.modeling.sam.mask_decoder import MaskDecoder
+
+        if not isinstance(model.sam_mask_decoder, MaskDecoder):
+            raise TypeError(
+                f"the fast decoder runs SAM2's MaskDecoder, not a "
+                f"{type(model.sam_mask_decoder).__name__}: use decoder='stock' (--decoder stock)"
+            )
         self.dtype = dtype
         self.decoder = model.sam_mask_decoder
         if dtype != next(self.decoder.parameters()).dtype:

@@ -3,6 +3,11 @@
 Stored as one safetensors file: a (K_c, D) tensor of instance prototypes per category
 (``shots/<category_id>``) and JSON metadata in the file's header (category ids and names,
 encoder, image size, checkpoint hash, the image and annotation id of every shot).
+
+Negative references (refseg's addition, not the paper's): prototypes of things that must
+not get a category, kept per category as ``negatives/<category_id>`` (K'_c, D) beside the
+shots, with their provenance in the header. A bank without negatives is written exactly as
+before (format version 1); one with negatives is version 2. Both load.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ __all__ = ["MemoryBank", "ShotRecord", "TinyMaskError", "encode_shot"]
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+NEGATIVES_VERSION = 2  # written only when the bank holds negatives
 
 
 class TinyMaskError(ValueError):
@@ -98,6 +104,9 @@ class MemoryBank:
         encoder: DINOv2 name the prototypes come from (e.g. ``vitl14``).
         image_size: the DINOv2 input side used for the references.
         meta: anything else worth keeping (preset, checkpoint hashes).
+        negatives: category id -> (K'_c, D) float32 prototypes of things that are not that
+            category (raw, not normalised); only categories that have shots.
+        negative_records: category id -> one ShotRecord per row of ``negatives``.
     """
 
     encoder: str
@@ -106,6 +115,8 @@ class MemoryBank:
     names: dict[int, str] = field(default_factory=dict)
     records: dict[int, list[ShotRecord]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    negatives: dict[int, torch.Tensor] = field(default_factory=dict)
+    negative_records: dict[int, list[ShotRecord]] = field(default_factory=dict)
 
     @property
     def category_ids(self) -> list[int]:
@@ -134,12 +145,47 @@ class MemoryBank:
         self.shots[cid] = torch.cat([self.shots.get(cid, proto[:0]), proto])
         self.records.setdefault(cid, []).append(record)
 
+    def add_negative(self, record: ShotRecord, prototype: torch.Tensor, name: str) -> None:
+        """Append one negative of ``record.category_id``, a category the bank has shots of."""
+        cid = int(record.category_id)
+        if cid not in self.shots:
+            known = ", ".join(f"{c} ({self.names[c]})" for c in self.category_ids) or "none"
+            raise ValueError(
+                f"negative reference {record.annotation_id} names category {cid} ({name!r}), "
+                f"which the bank has no shots of (it has {known}): add positive references "
+                "of that class first, or fix the negative's category_id"
+            )
+        if self.names[cid] != name:
+            raise ValueError(
+                f"category {cid} is {self.names[cid]!r} in the bank but {name!r} in the "
+                "negative references: fix the negatives' categories"
+            )
+        proto = prototype.detach().float().cpu().reshape(1, -1)
+        if proto.shape[1] != self.dim:
+            raise ValueError(f"negative prototype dim {proto.shape[1]} != bank dim {self.dim}")
+        self.negatives[cid] = torch.cat([self.negatives.get(cid, proto[:0]), proto])
+        self.negative_records.setdefault(cid, []).append(record)
+
     def merge(self, other: MemoryBank) -> None:
-        """Add every shot of ``other`` (same encoder) without recomputing anything."""
+        """Add every shot and negative of ``other`` (same encoder), recomputing nothing."""
         self.check_encoder(other.encoder, other.image_size)
         for cid in other.category_ids:
             for rec, proto in zip(other.records[cid], other.shots[cid], strict=True):
                 self.add(rec, proto, other.names[cid])
+        for cid in sorted(other.negatives):
+            for rec, proto in zip(other.negative_records[cid], other.negatives[cid], strict=True):
+                self.add_negative(rec, proto, other.names[cid])
+
+    def class_negatives(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """All negatives as (K, D) raw prototypes and (K,) int64 class indices (positions in
+        ``category_ids``); None when the bank has none."""
+        if not any(t.shape[0] for t in self.negatives.values()):
+            return None
+        index = {c: k for k, c in enumerate(self.category_ids)}
+        cids = sorted(self.negatives)
+        protos = torch.cat([self.negatives[c] for c in cids])
+        owner = [index[c] for c in cids for _ in range(int(self.negatives[c].shape[0]))]
+        return protos, torch.tensor(owner, dtype=torch.long)
 
     def class_prototypes(self) -> torch.Tensor:
         """(C, D) ``normalize(mean_k r_{c,k})`` in ``category_ids`` order (method.md §2)."""
@@ -158,7 +204,7 @@ class MemoryBank:
 
     # ---- persistence -------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        header = {
+        header: dict[str, Any] = {
             "format": "refseg-memory-bank",
             "version": FORMAT_VERSION,
             "encoder": self.encoder,
@@ -168,6 +214,13 @@ class MemoryBank:
             "meta": self.meta,
         }
         tensors = {f"shots/{c}": self.shots[c].contiguous() for c in self.category_ids}
+        negs = sorted(c for c, t in self.negatives.items() if t.shape[0])
+        if negs:
+            header["version"] = NEGATIVES_VERSION
+            header["negatives"] = [
+                dataclasses.asdict(r) for c in negs for r in self.negative_records[c]
+            ]
+            tensors.update({f"negatives/{c}": self.negatives[c].contiguous() for c in negs})
         return st_save(tensors, metadata={"refseg": json.dumps(header)})
 
     def save(self, uri: str) -> None:
@@ -186,17 +239,23 @@ class MemoryBank:
                 f"{source} is not a refseg memory bank (safetensors with refseg metadata): "
                 f"{exc}; build one with `refseg build-memory`"
             ) from exc
+        version = int(header.get("version", FORMAT_VERSION))
+        if version > NEGATIVES_VERSION:
+            raise ValueError(
+                f"{source} is a memory bank of format version {version}, newer than this "
+                f"refseg reads (up to {NEGATIVES_VERSION}): upgrade refseg"
+            )
         bank = cls(encoder=header["encoder"], image_size=int(header["image_size"]))
         bank.meta = header.get("meta", {})
         names = {int(c["id"]): c["name"] for c in header["categories"]}
-        recs: dict[int, list[ShotRecord]] = {}
-        for r in header["shots"]:
-            r["bbox"] = tuple(r.get("bbox", ()))
-            recs.setdefault(int(r["category_id"]), []).append(ShotRecord(**r))
+        recs = _records(header["shots"])
         for cid, name in names.items():
             bank.shots[cid] = tensors[f"shots/{cid}"].float()
             bank.names[cid] = name
             bank.records[cid] = recs.get(cid, [])
+        for cid, neg_recs in _records(header.get("negatives", [])).items():
+            bank.negatives[cid] = tensors[f"negatives/{cid}"].float()
+            bank.negative_records[cid] = neg_recs
         return bank
 
     @classmethod
@@ -211,8 +270,22 @@ class MemoryBank:
         return cls.from_bytes(data, source=uri)
 
     def describe(self) -> Mapping[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "encoder": self.encoder,
             "image_size": self.image_size,
             "categories": {self.names[c]: int(self.shots[c].shape[0]) for c in self.category_ids},
         }
+        if self.negatives:
+            out["negatives"] = {
+                self.names[c]: int(t.shape[0]) for c, t in sorted(self.negatives.items())
+            }
+        return out
+
+
+def _records(rows: list[dict[str, Any]]) -> dict[int, list[ShotRecord]]:
+    """Header rows -> ShotRecords grouped by category id, in file order."""
+    out: dict[int, list[ShotRecord]] = {}
+    for r in rows:
+        r = {**r, "bbox": tuple(r.get("bbox", ()))}
+        out.setdefault(int(r["category_id"]), []).append(ShotRecord(**r))
+    return out

@@ -19,6 +19,7 @@ __all__ = [
     "pool_features",
     "pool_features_naive",
     "cosine_scores",
+    "negative_blocked",
     "upsample_masks",
     "soft_merge_scores",
     "normalize",
@@ -176,6 +177,36 @@ def normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 def cosine_scores(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """``max(0, cos)`` between (N, D) features and (C, D) prototypes: (N, C)."""
     return (normalize(features) @ normalize(prototypes).T).clamp(min=0.0)
+
+
+def negative_blocked(
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    negatives: torch.Tensor,
+    negative_class: torch.Tensor,
+    margin: float = 0.0,
+) -> torch.Tensor:
+    """Which classes negative references rule out for each proposal.
+
+    Class c is ruled out for proposal i when ``max_k cos(f_i, n_k) >= cos(f_i, P_c) - margin``
+    over the negatives n_k of class c (raw cosines, not clamped). A class without negatives
+    is never ruled out.
+
+    Args:
+        features: (N, D) proposal features. prototypes: (C, D) class prototypes.
+        negatives: (K, D) negative prototypes. negative_class: (K,) int64 class index
+            (0..C-1) each negative belongs to.
+
+    Returns:
+        (N, C) bool.
+    """
+    f = normalize(features)
+    pos = f @ normalize(prototypes).T  # (N, C)
+    neg = f @ normalize(negatives).T  # (N, K)
+    closest = torch.full_like(pos, float("-inf"))
+    index = negative_class.to(pos.device).long()[None].expand(neg.shape[0], -1)
+    closest = closest.scatter_reduce(1, index, neg, reduce="amax", include_self=True)
+    return closest >= pos - margin
 
 
 def upsample_masks(logits: torch.Tensor, size: tuple[int, int], threshold: float = 0.0):

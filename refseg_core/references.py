@@ -61,20 +61,26 @@ def build_memory_bank(
     min_weight: float = 1e-3,
     meta: Mapping[str, Any] | None = None,
     load_image: Callable[[str], np.ndarray] = read_image,
+    negatives: bool = False,
 ) -> MemoryBank:
     """Encode every shot of a COCO dict and add it to ``bank`` (a new one when None).
 
     Shots whose mask is empty, outside its image or too small for the encoder's patches are
     skipped with a warning; a category left with no usable shot is an error naming it.
+    With ``negatives``, the annotations are negative references: each is encoded the same
+    way and stored as a negative of its ``category_id``, a class the bank must have shots of.
     """
+    what, kind = ("negative reference", "negative") if negatives else ("reference", "shot")
     names = category_names(references)
     dup = {n for n in names.values() if list(names.values()).count(n) > 1}
     if dup:
         raise ValueError(f"duplicate category names in the references: {sorted(dup)}")
     shots = load_references(references)
     if not shots:
-        raise ValueError("the references hold no annotations: nothing to build a bank from")
+        raise ValueError(f"the {what}s hold no annotations: nothing to build a bank from")
     if bank is None:
+        if negatives:
+            raise ValueError("negative references need a bank with positive shots to add to")
         bank = MemoryBank(encoder=encoder.name, image_size=encoder.image_size)
     bank.check_encoder(encoder.name, encoder.image_size)
     bank.meta.update(meta or {})
@@ -112,16 +118,15 @@ def build_memory_bank(
             bbox=tuple(float(v) for v in shot.bbox),
             segmentation=rle_ops.encode_masks(mask[None])[0],
         )
-        bank.add(record, proto, names[shot.category_id])
+        (bank.add_negative if negatives else bank.add)(record, proto, names[shot.category_id])
         added[shot.category_id] += 1
     for msg in skipped:
-        log.warning("skipped reference %s", msg)
-    empty = [
-        f"{cid} ({names[cid]})" for cid, n in added.items() if n == 0 and cid not in bank.shots
-    ]
+        log.warning("skipped %s %s", what, msg)
+    present = bank.negatives if negatives else bank.shots
+    empty = [f"{cid} ({names[cid]})" for cid, n in added.items() if n == 0 and cid not in present]
     if empty:
         raise ValueError(
-            f"no usable shot for categories {', '.join(empty)}: their reference masks are "
-            "empty, outside the image or too small; add larger references"
+            f"no usable {kind} for categories {', '.join(empty)}: their {what} masks are "
+            f"empty, outside the image or too small; add larger {what}s"
         )
     return bank

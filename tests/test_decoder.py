@@ -229,3 +229,11 @@ def test_fast_decoder_on_cuda(config):
     half = SharedImageDecoder(model, dtype=torch.bfloat16)
     got_bf16, _ = half(half.prepare(embed, high_res), sparse)
     assert float(((got_bf16.float() > 0) == (low > 0)).float().mean()) > 0.95
+
+
+def test_fast_decoder_refuses_a_stand_in_with_the_fix():
+    from doubles import ShapeSam
+
+    proposer = Sam2Proposer(ShapeSam([(200, 30, 30)], image_size=64), MethodConfig())
+    with pytest.raises(TypeError, match="--decoder stock"):
+        proposer.propose(torch.rand(1, 3, 64, 64), [(64, 64)], [(20, 20)])

@@ -1,0 +1,407 @@
+"""``refseg rematch``: label a cached run's images again with another memory bank.
+
+read the proposal cache of RUN (CPU tasks, one part each) -> match the pooled features
+against the bank (actor pool holding the bank; no SAM2, no DINOv2) -> write parts (the
+label pipeline's own writer). NEW_OUT gets exactly what ``refseg label`` writes:
+``instances/``, ``images/``, ``coco_results.json``, ``coco_dataset.json``, ``run.json``.
+
+A rematch output records the cache it read (``run.json``: ``proposal_cache.location``), so
+it can be rematched in turn. Resume works as for labelling: a rerun of the same command on
+the same NEW_OUT processes only images without finished output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+import ray.data
+from ray.data import ActorPoolStrategy
+
+from pipeline import outputs
+from pipeline.job import (
+    LabelSummary,
+    _check_reachable,
+    _config_fingerprint,
+    _stopped,
+    _totals,
+    ensure_ray,
+)
+from pipeline.lock import hold_out
+from pipeline.progress import ProgressOptions, ProgressReporter
+from pipeline.proposal_cache import (
+    CACHE_FORMAT,
+    PROPOSALS_DIR,
+    read_cache_parts,
+    shaping_method,
+    shaping_model,
+)
+from pipeline.redo import settle
+from pipeline.run_record import (
+    check_fingerprint,
+    package_versions,
+    read_run_record,
+    start_record,
+    write_run_record,
+)
+from pipeline.schema import Col
+from pipeline.settings import PipelineSettings, Resources
+from pipeline.stages import RematchStage
+from pipeline.storage import Location, resolve
+from refseg_core.config import MethodConfig, ModelConfig
+from refseg_core.memory_bank import MemoryBank
+
+__all__ = [
+    "ProposalCache",
+    "RematchJob",
+    "open_cache",
+    "check_fits",
+    "run_rematch",
+    "configs_of",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProposalCache:
+    """A labelling run's proposal cache, as ``run.json`` describes it.
+
+    Attributes:
+        run: the run folder given (a labelling run, or a rematch of one).
+        location: the folder holding ``proposals/`` (the labelling run).
+        record: the ``run.json`` of ``run``.
+        info: its ``proposal_cache`` section (format, encoder, hashes, settings).
+        parts: names of the finished parts that have a cache part.
+    """
+
+    run: Location
+    location: Location
+    record: dict[str, Any]
+    info: dict[str, Any]
+    parts: list[str]
+
+
+def open_cache(run: str, *, s3_endpoint: str | None = None) -> ProposalCache:
+    """Find and check the proposal cache of the run folder ``run``.
+
+    Raises:
+        FileNotFoundError / ValueError: no finished run, a run labelled without
+            ``--cache-proposals``, or a cache that does not cover every finished image;
+            each message says what to run instead.
+    """
+    loc = resolve(run, s3_endpoint=s3_endpoint)
+    record = read_run_record(loc)
+    if record is None:
+        raise FileNotFoundError(
+            f"{loc.uri} has no run.json: rematch needs a finished `refseg label "
+            "--cache-proposals` run (rerun the same label command to finish an interrupted one)"
+        )
+    info = record.get("proposal_cache")
+    if not info:
+        raise ValueError(
+            f"{loc.uri} was labelled without --cache-proposals, so it has no proposal cache: "
+            "label the images again with `refseg label --cache-proposals --out NEW_RUN ...` "
+            "(once), then `refseg rematch NEW_RUN --memory BANK --out ...`"
+        )
+    if info.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{loc.uri}: run.json's proposal_cache is not a {CACHE_FORMAT}")
+    where = info.get("location")
+    cache_loc = resolve(where, s3_endpoint=s3_endpoint) if where else loc
+    finished, cached = outputs.finished_parts(cache_loc), outputs.cached_parts(cache_loc)
+    if not cached or len(cached) < len(finished):
+        raise ValueError(
+            f"the proposal cache {cache_loc.child(PROPOSALS_DIR).uri} covers {len(cached)} of "
+            f"{len(finished)} finished parts: finish it by rerunning the same `refseg label "
+            "--cache-proposals` command, or label again with --cache-proposals into a new --out"
+        )
+    return ProposalCache(loc, cache_loc, record, info, cached)
+
+
+def configs_of(cache: ProposalCache) -> tuple[str, ModelConfig, MethodConfig]:
+    """Preset name, model and method settings the cached run used (unknown keys dropped)."""
+    cfg = cache.record.get("config", {})
+
+    def build(cls: type, values: dict[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (values or {}).items() if k in known})
+
+    model = build(ModelConfig, cfg.get("model", {}))
+    method = build(MethodConfig, cfg.get("method", {}))
+    return str(cache.record.get("preset", "custom")), model, method
+
+
+def check_fits(
+    cache: ProposalCache,
+    bank: MemoryBank,
+    *,
+    model: ModelConfig,
+    method: MethodConfig,
+    checkpoints: dict[str, str | None] | None = None,
+) -> None:
+    """Refuse a bank, settings or checkpoints that do not fit what the cache was made with.
+
+    Args:
+        model, method: the settings of the rematch (the run's, with any flags applied).
+        checkpoints: SHA-256 of checkpoints named on the command line (``sam2``, ``dinov2``).
+    """
+    info, where = cache.info, cache.location.uri
+    enc = info["encoder"]
+    bank.check_encoder(enc["dinov2_model"], enc["dinov2_image_size"])
+    bank_sha, cache_sha = bank.meta.get("dinov2_sha256"), enc.get("dinov2_sha256")
+    if bank_sha and cache_sha and bank_sha != cache_sha:
+        raise ValueError(
+            f"the memory bank was built with DINOv2 weights {bank_sha}, but the proposal "
+            f"cache of {where} holds features of {cache_sha}: rebuild the bank with the run's "
+            "--dinov2-checkpoint (see its run.json), or label again with these weights"
+        )
+    bank_rw = bank.meta.get("random_weights")
+    if bank_rw is not None and bool(bank_rw) != bool(info.get("random_weights")):
+        log.warning(
+            "the memory bank has random_weights=%s but the proposal cache of %s has "
+            "random_weights=%s: the matches are meaningless",
+            bank_rw,
+            where,
+            info.get("random_weights"),
+        )
+    asked = {**shaping_model(model), **shaping_method(method)}
+    made = {**info.get("model", {}), **info.get("method", {})}
+    differ = [k for k in sorted(asked) if k in made and _norm(asked[k]) != _norm(made[k])]
+    hashes = {"sam2": info["sam2"].get("sam2_sha256"), "dinov2": enc.get("dinov2_sha256")}
+    for key, sha in (checkpoints or {}).items():
+        if sha and hashes.get(key) and sha != hashes[key]:
+            differ.append(f"{key}_checkpoint")
+            asked[f"{key}_checkpoint"], made[f"{key}_checkpoint"] = sha, hashes[key]
+    if differ:
+        what = ", ".join(f"{k} (cache: {made[k]!r}, asked: {asked[k]!r})" for k in differ)
+        raise ValueError(
+            f"the proposal cache of {where} was made with other settings where they matter: "
+            f"{what}. A rematch can only change what acts after the proposals (NMS, max "
+            "instances, soft merge, merge resolution, box convention, score threshold, "
+            "negative margin); label again with `refseg label --cache-proposals` and the "
+            "new settings"
+        )
+
+
+def _norm(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+@dataclass(frozen=True)
+class RematchJob:
+    cache: ProposalCache
+    memory: str
+    out: str
+    model: ModelConfig
+    method: MethodConfig
+    settings: PipelineSettings = field(default_factory=PipelineSettings)
+    preset: str = "custom"
+    num_cpus: int | None = None
+    s3_endpoint: str | None = None
+    take_over_lock: bool = False  # take over an S3 lease another run holds (lock.py)
+    progress: ProgressOptions = field(default_factory=ProgressOptions)
+
+
+#: torch threads per rematch actor on CPU: matching without DINOv2 is many small tensor
+#: operations, which extra threads slow down (BENCHMARKS.md, section 6).
+CPU_MATCH_THREADS = 1
+
+
+def _resources(settings: PipelineSettings, gpus: float, cpus: float) -> Resources:
+    """One actor pool: matching gets every GPU; on CPU one actor of one torch thread."""
+    res = settings.resolve(gpus, cpus)
+    if res.device == "cuda":
+        per = settings.gpus_per_actor or 1.0
+        actors = settings.match_actors or max(1, int(gpus / per))
+        return dataclasses.replace(res, match_actors=actors, gpus_per_match_actor=per)
+    threads = settings.match_torch_threads or settings.torch_threads or CPU_MATCH_THREADS
+    return dataclasses.replace(res, match_torch_threads=threads)
+
+
+def _plan(cache: ProposalCache, done: np.ndarray) -> tuple[list[dict[str, Any]], int]:
+    """One item per cache part with the ids still to do (``keep``: all when nothing is
+    done yet, so a fresh rematch reads no part in the driver); and how many parts."""
+    if not len(done):
+        return [{"part": name, "keep": []} for name in cache.parts], len(cache.parts)
+    items, n = [], 0
+    for name in cache.parts:
+        with cache.location.fs.open_input_file(cache.location.child(PROPOSALS_DIR, name).path) as f:
+            ids = pq.read_table(f, columns=[Col.IMAGE_ID]).column(Col.IMAGE_ID).to_numpy()
+        keep = ids[~np.isin(ids, done)]
+        if len(keep) == len(ids):
+            items.append({"part": name, "keep": []})
+        elif len(keep):
+            items.append({"part": name, "keep": keep.tolist()})
+        n += bool(len(keep))
+    return items, n
+
+
+def run_rematch(job: RematchJob) -> LabelSummary:
+    """Run (or resume) a rematch; returns the counts of this run.
+
+    As ``refseg label`` does: the run holds NEW_OUT (pipeline/lock.py), records its
+    fingerprint there before the first part, and reports progress (pipeline/progress.py).
+    """
+    progress = ProgressReporter(job.progress)
+    try:
+        return _run_rematch(job, progress)
+    except BaseException:
+        progress.finish("failed")  # a no-op when the job stopped before it started
+        raise
+
+
+def _run_rematch(job: RematchJob, progress: ProgressReporter) -> LabelSummary:
+    t0 = time.perf_counter()
+    out = resolve(job.out, s3_endpoint=job.s3_endpoint)
+    _check_reachable(out, "output location")
+    if out.uri.rstrip("/") in {job.cache.run.uri.rstrip("/"), job.cache.location.uri.rstrip("/")}:
+        raise ValueError(f"--out {out.uri} is the run being rematched: choose a new folder")
+    bank = MemoryBank.load(job.memory)
+    with hold_out(out, take_over=job.take_over_lock) as lock:
+        progress.start(out)
+        bank_bytes = bank.to_bytes()
+        bank_sha = hashlib.sha256(bank_bytes).hexdigest()
+        fingerprint = _config_fingerprint(job, bank_sha)  # type: ignore[arg-type]
+        recorded = check_fingerprint(out, fingerprint, has_parts=outputs.has_parts(out))
+        if recorded != fingerprint:  # before the first part, as refseg label does
+            start = {"preset": job.preset, "rematch": {"run": job.cache.run.uri}}
+            write_run_record(out, start_record(fingerprint, start))
+        outputs.remove_temporaries(out)
+        removed = outputs.remove_orphans(out)
+        if removed:
+            log.warning("removed %d parts of interrupted batches; their images run again", removed)
+        done = outputs.done_image_ids(out)
+        progress.set_already_done(len(done))
+        items, todo = _plan(job.cache, done)
+        cached = job.cache.record.get("counts", {}).get("total", {}).get("images")
+        progress.set_total(None if cached is None else max(0, int(cached) - len(done)))
+        env = {"AWS_ENDPOINT_URL": job.s3_endpoint} if job.s3_endpoint else None
+        ensure_ray(job.num_cpus, env)
+        cluster = ray.cluster_resources()
+        res = _resources(job.settings, cluster.get("GPU", 0), cluster.get("CPU", 1))
+        counts = {"images": 0, "ok": 0, "errors": 0, "instances": 0}
+        if todo:
+            ds = _graph(items, job, bank_bytes, res, out)
+            try:
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    n = len(batch[Col.IMAGE_ID])
+                    n_err = int(np.sum(batch[Col.STATUS] != "ok"))
+                    counts["images"] += n
+                    counts["errors"] += n_err
+                    counts["ok"] += n - n_err
+                    counts["instances"] += int(np.sum(batch[Col.N_INSTANCES]))
+                    progress.add(n, n_err)
+            except Exception as exc:
+                raise _stopped(exc, out) from exc
+        else:
+            log.info("all images of the cache already have output in %s", out.uri)
+        lock.check()  # a run whose S3 lease was taken over writes no final file
+        settle(out)  # one row per image even if a killed run's workers wrote late
+        _write_record(job, out, bank, bank_sha, fingerprint, res, counts, len(done), t0)
+        progress.finish("done")
+    return LabelSummary(
+        counts["images"],
+        counts["ok"],
+        counts["errors"],
+        counts["instances"],
+        time.perf_counter() - t0,
+        len(done),
+        out.uri,
+    )
+
+
+def _graph(
+    items: list[dict[str, Any]],
+    job: RematchJob,
+    bank_bytes: bytes,
+    res: Resources,
+    out: Location,
+) -> ray.data.Dataset:
+    s = job.settings
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        read_cache_parts,
+        fn_kwargs={"cache": job.cache.location},
+        batch_size=1,
+        num_cpus=s.decode_cpus,
+    )
+    ds = ds.map_batches(
+        RematchStage,
+        fn_constructor_kwargs={
+            "method": job.method,
+            "bank_bytes": bank_bytes,  # once per actor, never with each batch
+            "device": res.device,
+            "torch_threads": res.match_torch_threads,
+        },
+        compute=ActorPoolStrategy(size=res.match_actors),
+        batch_size=s.match_batch_size,
+        num_gpus=res.gpus_per_match_actor,
+        num_cpus=res.cpus_per_actor,
+    )
+    return ds.map_batches(
+        outputs.write_parts, fn_kwargs={"out": out}, batch_size=s.write_batch_size,
+        num_cpus=s.write_cpus,
+    )  # fmt: skip
+
+
+def _write_record(
+    job: RematchJob,
+    out: Location,
+    bank: MemoryBank,
+    bank_sha: str,
+    fingerprint: str,
+    res: Resources,
+    counts: dict[str, int],
+    skipped: int,
+    t0: float,
+) -> None:
+    """COCO files and run.json, as ``refseg label`` writes them, plus where the cache is."""
+    categories = [{"id": c, "name": bank.names[c]} for c in bank.category_ids]
+    coco_stats = outputs.write_coco(out, categories)
+    totals = _totals(out)
+    seconds = time.perf_counter() - t0
+    rw = job.model.random_weights
+    cached = job.cache.record
+    record: dict[str, Any] = {
+        "fingerprint": fingerprint,
+        "status": "complete",
+        "preset": job.preset,
+        "config": {
+            "model": job.model,
+            "method": job.method,
+            "pipeline": job.settings,
+            "resources": res,
+            "memory": job.memory,
+            "source": {"rematch_of": job.cache.run.uri},
+            "out": job.out,
+        },
+        "random_weights": rw,
+        "warnings": ["random weights: results are meaningless"] if rw else [],
+        "versions": package_versions(),
+        "checkpoints": cached.get("checkpoints"),
+        "memory_bank": {"sha256": bank_sha, **bank.describe(), "meta": bank.meta},
+        "references": [
+            {**dataclasses.asdict(r), "category_name": bank.names[c], "image_uri": r.file_name}
+            for c in bank.category_ids
+            for r in bank.records[c]
+        ],
+        "rematch": {"run": job.cache.run.uri, "cache_fingerprint": cached.get("fingerprint")},
+        "proposal_cache": {**job.cache.info, "location": job.cache.location.uri},
+        "counts": {"this_run": counts, "total": totals, "skipped_done": skipped},
+        "timings": {
+            "seconds": seconds,
+            "coco_json_seconds": coco_stats["seconds"],
+            "images_per_second": counts["images"] / seconds if seconds else 0.0,
+            "stage_seconds": totals.pop("stage_seconds"),
+        },
+        "ray": {"address": os.environ.get("RAY_ADDRESS", "local")},
+    }
+    write_run_record(out, record)
