@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-import builtins
 import dataclasses
 import hashlib
-import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import ray
 
 from pipeline import outputs
 from pipeline.graph import build_graph
 from pipeline.lock import hold_out
-from pipeline.progress import ProgressOptions, ProgressReporter
+from pipeline.progress import ProgressOptions, ProgressReporter, reporting
 from pipeline.proposal_cache import cache_record
 from pipeline.redo import begin_run, settle
 from pipeline.run_record import package_versions, start_record, write_run_record
-from pipeline.schema import Col
+from pipeline.run_steps import check_reachable, config_fingerprint, drain, new_counts, totals
 from pipeline.settings import PipelineSettings
 from pipeline.sources import ImageSource, NothingToDo, read_source
 from pipeline.storage import Location, resolve
@@ -91,29 +87,6 @@ def ensure_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = No
         ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False)
 
 
-def _changed(obj: Any, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A config's fields that differ from their defaults (so a new field keeps old runs)."""
-    return {
-        f.name: getattr(obj, f.name)
-        for f in dataclasses.fields(obj)
-        if f.name not in ignore and getattr(obj, f.name) != f.default
-    }
-
-
-def _config_fingerprint(job: LabelJob, bank_sha: str) -> str:
-    """What decides the labels: settings that differ from the defaults, and the bank.
-
-    Where and how fast the models run (device, torch.compile, the mask decoder's path and
-    prompt batch, which give the same masks up to float rounding) is left out.
-    """
-    cfg: dict[str, Any] = {
-        "model": _changed(job.model, ignore=("device", "compile")),
-        "method": _changed(job.method, ignore=("decoder", "prompt_batch")),
-    }
-    cfg["bank_sha256"] = bank_sha
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _checkpoint_hashes(model: ModelConfig) -> dict[str, str | None]:
     if model.random_weights:
         return {"sam2": None, "dinov2": None, "note": "random weights"}  # type: ignore[dict-item]
@@ -121,17 +94,6 @@ def _checkpoint_hashes(model: ModelConfig) -> dict[str, str | None]:
     for key, spec in (("sam2", model.sam2_checkpoint), ("dinov2", model.dinov2_checkpoint)):
         out[key] = resolve_checkpoint(spec).sha256 if spec else None
     return out
-
-
-def _check_reachable(loc: Location, what: str) -> None:
-    """Fail fast, before Ray starts, when a store is down (retries would take minutes)."""
-    try:
-        loc.fs.get_file_info(loc.path)
-    except Exception as exc:
-        raise ConnectionError(
-            f"cannot reach the {what} {loc.uri}: {exc}. Check the endpoint "
-            "(--s3-endpoint / AWS_ENDPOINT_URL) and credentials; no work was started"
-        ) from exc
 
 
 def _warn_categories(job: LabelJob, bank: MemoryBank) -> None:
@@ -153,35 +115,6 @@ def _warn_categories(job: LabelJob, bank: MemoryBank) -> None:
             {c: cats[c] for c in unknown},
             bank.names,
         )
-
-
-# "OSError: When uploading ..." lines of a (remote) traceback; the innermost cause comes first
-_ERROR_LINE = re.compile(r"^\s*(?:\w+\.)*(\w*(?:Error|Exception)): (.+)$")
-
-
-def _stopped(exc: Exception, out: Location) -> Exception:
-    """One clear message for a job that failed mid-run (Ray's errors hold remote tracebacks).
-
-    The root cause's first line, the retries Ray Data made, what is kept and how to resume.
-    A root cause that is an ``OSError`` (an object store that stayed down through every
-    retry) gives an ``OSError``, anything else a ``RuntimeError``.
-    """
-    lines = str(exc).splitlines()
-    roots = [m for m in map(_ERROR_LINE.match, lines) if m and not m[0].lstrip().startswith("ray.")]
-    if roots:
-        name, first = roots[0].group(1), roots[0].group(2).strip()
-    else:
-        name, first = type(exc).__name__, (lines or [""])[0].strip()
-    tries = [ln.strip().rstrip(".") for ln in lines if "attempts (total backoff" in ln]
-    if tries:
-        first = f"{first} ({tries[0]})"
-    cls = getattr(builtins, name, None)
-    kind = OSError if isinstance(cls, type) and issubclass(cls, OSError) else RuntimeError
-    return kind(
-        f"the labelling job stopped: {name}: {first}. Images with finished output in "
-        f"{out.uri} are kept; once the cause is fixed, rerun the same command: only the "
-        "unfinished images run again"
-    )
 
 
 def _start_fields(job: LabelJob, bank_sha: str) -> dict[str, Any]:
@@ -224,19 +157,15 @@ def run_label(job: LabelJob) -> LabelSummary:
     a second run on the same OUT is refused with an ``OutLockedError``. Progress goes to
     stderr and to OUT/progress.json (see :mod:`pipeline.progress`), from when OUT is held.
     """
-    progress = ProgressReporter(job.progress)
-    try:
+    with reporting(job.progress) as progress:
         return _run_label(job, progress)
-    except BaseException:
-        progress.finish("failed")  # a no-op when the job stopped before it started
-        raise
 
 
 def _run_label(job: LabelJob, progress: ProgressReporter) -> LabelSummary:
     t0 = time.perf_counter()
     out = resolve(job.out, s3_endpoint=job.source.s3_endpoint)
-    _check_reachable(out, "output location")
-    _check_reachable(resolve(job.source.images, s3_endpoint=job.source.s3_endpoint), "images")
+    check_reachable(out, "output location")
+    check_reachable(resolve(job.source.images, s3_endpoint=job.source.s3_endpoint), "images")
     bank = MemoryBank.load(job.memory)
     bank.check_encoder(job.model.dinov2_model, job.model.dinov2_image_size)
     _warn_categories(job, bank)
@@ -255,7 +184,7 @@ def _run_holding_out(
     progress.start(out)  # OUT is held: this run's progress.json
     bank_bytes = bank.to_bytes()
     bank_sha = hashlib.sha256(bank_bytes).hexdigest()
-    fingerprint = _config_fingerprint(job, bank_sha)
+    fingerprint = config_fingerprint(job, bank_sha)
     _check_cache_resume(out, job.cache_proposals)
     # fingerprint and run.json before any change; clean-up, targets and what runs again
     plan = begin_run(
@@ -275,7 +204,7 @@ def _run_holding_out(
     res = job.settings.resolve(
         ray.cluster_resources().get("GPU", 0), ray.cluster_resources().get("CPU", 1)
     )
-    counts = {"images": 0, "ok": 0, "errors": 0, "instances": 0}
+    counts = new_counts()
     try:
         source = read_source(
             job.source,
@@ -294,17 +223,7 @@ def _run_holding_out(
             out=out,
             cache_proposals=job.cache_proposals,
         )
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                n = len(batch[Col.IMAGE_ID])
-                n_err = int(np.sum(batch[Col.STATUS] != "ok"))
-                counts["images"] += n
-                counts["errors"] += n_err
-                counts["ok"] += n - n_err
-                counts["instances"] += int(np.sum(batch[Col.N_INSTANCES]))
-                progress.add(n, n_err)
-        except Exception as exc:
-            raise _stopped(exc, out) from exc
+        drain(ds, out, progress, counts)
     except NothingToDo as exc:
         log.info("%s", exc)
     seconds = time.perf_counter() - t0
@@ -312,7 +231,7 @@ def _run_holding_out(
     settle(out)  # one row per image even if a killed run's workers wrote late
     categories = [{"id": c, "name": bank.names[c]} for c in bank.category_ids]
     coco_stats = outputs.write_coco(out, categories)
-    totals = _totals(out)
+    total = totals(out)
     record: dict[str, Any] = {
         "fingerprint": fingerprint,
         "status": "complete",
@@ -338,7 +257,7 @@ def _run_holding_out(
         ],
         "counts": {
             "this_run": counts,
-            "total": totals,
+            "total": total,
             "skipped_done": len(done),
             "redone": {"changed": plan.changed, "errors_retried": plan.retried},
             "duplicate_rows_removed": plan.duplicates,
@@ -347,7 +266,7 @@ def _run_holding_out(
             "seconds": seconds,
             "coco_json_seconds": coco_stats["seconds"],
             "images_per_second": counts["images"] / seconds if seconds else 0.0,
-            "stage_seconds": totals.pop("stage_seconds"),
+            "stage_seconds": total.pop("stage_seconds"),
         },
         "ray": {"address": os.environ.get("RAY_ADDRESS", "local")},
     }
@@ -381,19 +300,3 @@ def _check_cache_resume(out: Location, cache_proposals: bool) -> None:
             f"{out.uri} was labelled with --cache-proposals: rerun with --cache-proposals "
             "to resume it, or use a new --out"
         )
-
-
-def _totals(out: Location) -> dict[str, Any]:
-    cols = [Col.STATUS, Col.N_INSTANCES, Col.T_DECODE, Col.T_PROPOSE, Col.T_MATCH, Col.T_ENCODE]
-    tot: dict[str, Any] = {"images": 0, "ok": 0, "errors": 0, "instances": 0}
-    stages = dict.fromkeys(("decode", "propose", "match", "encode"), 0.0)
-    for t in outputs.iter_tables(out, outputs.IMAGES_DIR, cols):
-        status = np.asarray(t.column(Col.STATUS).to_pylist())
-        tot["images"] += t.num_rows
-        tot["ok"] += int(np.sum(status == "ok"))
-        tot["errors"] += int(np.sum(status != "ok"))
-        tot["instances"] += int(np.sum(t.column(Col.N_INSTANCES).to_numpy()))
-        for key, col in zip(stages, cols[2:], strict=True):
-            stages[key] += float(np.nansum(t.column(col).to_numpy(zero_copy_only=False)))
-    tot["stage_seconds"] = stages
-    return tot

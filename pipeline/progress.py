@@ -27,6 +27,7 @@ every ``line_interval_s`` seconds. Nothing here imports Ray.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -34,7 +35,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TextIO
@@ -43,7 +44,7 @@ from tqdm import tqdm
 
 from pipeline.storage import Location, put_atomic
 
-__all__ = ["PROGRESS_FILE", "ProgressOptions", "ProgressReporter", "utc_now"]
+__all__ = ["PROGRESS_FILE", "ProgressOptions", "ProgressReporter", "reporting", "utc_now"]
 
 log = logging.getLogger(__name__)
 
@@ -295,3 +296,15 @@ class ProgressReporter:
             if not self._write_failed:
                 log.warning("could not write %s: %s", self._out.child(PROGRESS_FILE).uri, exc)
             self._write_failed = True
+
+
+@contextlib.contextmanager
+def reporting(options: ProgressOptions) -> Iterator[ProgressReporter]:
+    """A job's reporter: the run ends ``failed`` on any exception (a no-op when the job
+    stopped before it started reporting); the job itself reports ``done``."""
+    progress = ProgressReporter(options)
+    try:
+        yield progress
+    except BaseException:
+        progress.finish("failed")
+        raise

@@ -27,16 +27,9 @@ import ray.data
 from ray.data import ActorPoolStrategy
 
 from pipeline import outputs
-from pipeline.job import (
-    LabelSummary,
-    _check_reachable,
-    _config_fingerprint,
-    _stopped,
-    _totals,
-    ensure_ray,
-)
+from pipeline.job import LabelSummary, ensure_ray
 from pipeline.lock import hold_out
-from pipeline.progress import ProgressOptions, ProgressReporter
+from pipeline.progress import ProgressOptions, ProgressReporter, reporting
 from pipeline.proposal_cache import (
     CACHE_FORMAT,
     PROPOSALS_DIR,
@@ -52,6 +45,7 @@ from pipeline.run_record import (
     start_record,
     write_run_record,
 )
+from pipeline.run_steps import check_reachable, config_fingerprint, drain, new_counts, totals
 from pipeline.schema import Col
 from pipeline.settings import PipelineSettings, Resources
 from pipeline.stages import RematchStage
@@ -250,18 +244,14 @@ def run_rematch(job: RematchJob) -> LabelSummary:
     As ``refseg label`` does: the run holds NEW_OUT (pipeline/lock.py), records its
     fingerprint there before the first part, and reports progress (pipeline/progress.py).
     """
-    progress = ProgressReporter(job.progress)
-    try:
+    with reporting(job.progress) as progress:
         return _run_rematch(job, progress)
-    except BaseException:
-        progress.finish("failed")  # a no-op when the job stopped before it started
-        raise
 
 
 def _run_rematch(job: RematchJob, progress: ProgressReporter) -> LabelSummary:
     t0 = time.perf_counter()
     out = resolve(job.out, s3_endpoint=job.s3_endpoint)
-    _check_reachable(out, "output location")
+    check_reachable(out, "output location")
     if out.uri.rstrip("/") in {job.cache.run.uri.rstrip("/"), job.cache.location.uri.rstrip("/")}:
         raise ValueError(f"--out {out.uri} is the run being rematched: choose a new folder")
     bank = MemoryBank.load(job.memory)
@@ -269,7 +259,7 @@ def _run_rematch(job: RematchJob, progress: ProgressReporter) -> LabelSummary:
         progress.start(out)
         bank_bytes = bank.to_bytes()
         bank_sha = hashlib.sha256(bank_bytes).hexdigest()
-        fingerprint = _config_fingerprint(job, bank_sha)  # type: ignore[arg-type]
+        fingerprint = config_fingerprint(job, bank_sha)  # type: ignore[arg-type]
         recorded = check_fingerprint(out, fingerprint, has_parts=outputs.has_parts(out))
         if recorded != fingerprint:  # before the first part, as refseg label does
             start = {"preset": job.preset, "rematch": {"run": job.cache.run.uri}}
@@ -287,20 +277,10 @@ def _run_rematch(job: RematchJob, progress: ProgressReporter) -> LabelSummary:
         ensure_ray(job.num_cpus, env)
         cluster = ray.cluster_resources()
         res = _resources(job.settings, cluster.get("GPU", 0), cluster.get("CPU", 1))
-        counts = {"images": 0, "ok": 0, "errors": 0, "instances": 0}
+        counts = new_counts()
         if todo:
             ds = _graph(items, job, bank_bytes, res, out)
-            try:
-                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    n = len(batch[Col.IMAGE_ID])
-                    n_err = int(np.sum(batch[Col.STATUS] != "ok"))
-                    counts["images"] += n
-                    counts["errors"] += n_err
-                    counts["ok"] += n - n_err
-                    counts["instances"] += int(np.sum(batch[Col.N_INSTANCES]))
-                    progress.add(n, n_err)
-            except Exception as exc:
-                raise _stopped(exc, out) from exc
+            drain(ds, out, progress, counts)
         else:
             log.info("all images of the cache already have output in %s", out.uri)
         lock.check()  # a run whose S3 lease was taken over writes no final file
@@ -366,7 +346,7 @@ def _write_record(
     """COCO files and run.json, as ``refseg label`` writes them, plus where the cache is."""
     categories = [{"id": c, "name": bank.names[c]} for c in bank.category_ids]
     coco_stats = outputs.write_coco(out, categories)
-    totals = _totals(out)
+    total = totals(out)
     seconds = time.perf_counter() - t0
     rw = job.model.random_weights
     cached = job.cache.record
@@ -395,12 +375,12 @@ def _write_record(
         ],
         "rematch": {"run": job.cache.run.uri, "cache_fingerprint": cached.get("fingerprint")},
         "proposal_cache": {**job.cache.info, "location": job.cache.location.uri},
-        "counts": {"this_run": counts, "total": totals, "skipped_done": skipped},
+        "counts": {"this_run": counts, "total": total, "skipped_done": skipped},
         "timings": {
             "seconds": seconds,
             "coco_json_seconds": coco_stats["seconds"],
             "images_per_second": counts["images"] / seconds if seconds else 0.0,
-            "stage_seconds": totals.pop("stage_seconds"),
+            "stage_seconds": total.pop("stage_seconds"),
         },
         "ray": {"address": os.environ.get("RAY_ADDRESS", "local")},
     }

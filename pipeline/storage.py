@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import uuid
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -94,12 +95,15 @@ def resolve(uri: str, *, s3_endpoint: str | None = None) -> Location:
 def put_atomic(loc: Location, data: bytes) -> None:
     """Write ``data`` to ``loc`` so that a reader sees the old content or the new, never part.
 
-    Local: written to a hidden ``.NAME.tmp`` beside it, then renamed over it. Object stores
-    (s3://, gs://) publish an object only when its upload completes: one whole-object put.
+    Local: written to a hidden ``.NAME.tmp-<random>`` beside it (two writers of one part,
+    e.g. a retried task and a late original, never share it), then renamed over it. Object
+    stores (s3://, gs://) publish an object only when its upload completes: one whole-object
+    put. (The JSON outputs use ``pipeline.atomic``, which also spools large files and
+    fsyncs; parts and progress.json are small and written often.)
     """
     if isinstance(loc.fs, pafs.LocalFileSystem):
         parent, name = loc.path.rsplit("/", 1)
-        tmp = f"{parent}/.{name}.tmp"
+        tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:12]}"
         loc.fs.create_dir(parent, recursive=True)
         with loc.fs.open_output_stream(tmp) as f:
             f.write(data)

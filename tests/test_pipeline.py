@@ -164,10 +164,10 @@ def test_rerun_with_another_configuration_is_refused(local_run, tiny_setup):
 
 
 def test_fingerprint_keeps_what_decides_the_labels(tiny_setup, tmp_path):
-    from pipeline.job import _config_fingerprint
+    from pipeline.run_steps import config_fingerprint
 
     job = _job(tiny_setup, str(tmp_path), tmp_path / "o")
-    base = _config_fingerprint(job, "bank-a")
+    base = config_fingerprint(job, "bank-a")
     same = [
         dataclasses.replace(job, model=dataclasses.replace(job.model, device="cuda:3")),
         dataclasses.replace(job, model=dataclasses.replace(job.model, compile=True)),
@@ -177,13 +177,13 @@ def test_fingerprint_keeps_what_decides_the_labels(tiny_setup, tmp_path):
         dataclasses.replace(job, method=dataclasses.replace(job.method, decoder="stock")),
         dataclasses.replace(job, method=dataclasses.replace(job.method, prompt_batch=32)),
     ]
-    assert all(_config_fingerprint(j, "bank-a") == base for j in same)
+    assert all(config_fingerprint(j, "bank-a") == base for j in same)
     changed = [
         dataclasses.replace(job, method=dataclasses.replace(job.method, merge_resolution="lowres")),
         dataclasses.replace(job, model=dataclasses.replace(job.model, dinov2_image_size=126)),
     ]
-    assert all(_config_fingerprint(j, "bank-a") != base for j in changed)
-    assert _config_fingerprint(job, "bank-b") != base
+    assert all(config_fingerprint(j, "bank-a") != base for j in changed)
+    assert config_fingerprint(job, "bank-b") != base
 
 
 def test_s3_input_and_output(tiny_setup, s3_endpoint, tmp_path):

@@ -1,0 +1,128 @@
+"""Steps that ``refseg label`` and ``refseg rematch`` share: the configuration fingerprint,
+store checks, draining a running dataset into counts and progress, one clear message for a
+job that stopped, and the totals over OUT's parts."""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import hashlib
+import json
+import re
+from typing import Any
+
+import numpy as np
+import ray.data
+
+from pipeline import outputs
+from pipeline.progress import ProgressReporter
+from pipeline.schema import Col
+from pipeline.storage import Location
+
+__all__ = ["check_reachable", "config_fingerprint", "drain", "new_counts", "stopped", "totals"]
+
+
+def _changed(obj: Any, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config's fields that differ from their defaults (so a new field keeps old runs)."""
+    return {
+        f.name: getattr(obj, f.name)
+        for f in dataclasses.fields(obj)
+        if f.name not in ignore and getattr(obj, f.name) != f.default
+    }
+
+
+def config_fingerprint(job: Any, bank_sha: str) -> str:
+    """What decides the labels: settings that differ from the defaults, and the bank.
+
+    ``job`` has ``model`` (ModelConfig) and ``method`` (MethodConfig): a label or rematch job.
+
+    Where and how fast the models run (device, torch.compile, the mask decoder's path and
+    prompt batch, which give the same masks up to float rounding) is left out.
+    """
+    cfg: dict[str, Any] = {
+        "model": _changed(job.model, ignore=("device", "compile")),
+        "method": _changed(job.method, ignore=("decoder", "prompt_batch")),
+    }
+    cfg["bank_sha256"] = bank_sha
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_reachable(loc: Location, what: str) -> None:
+    """Fail fast, before Ray starts, when a store is down (retries would take minutes)."""
+    try:
+        loc.fs.get_file_info(loc.path)
+    except Exception as exc:
+        raise ConnectionError(
+            f"cannot reach the {what} {loc.uri}: {exc}. Check the endpoint "
+            "(--s3-endpoint / AWS_ENDPOINT_URL) and credentials; no work was started"
+        ) from exc
+
+
+# "OSError: When uploading ..." lines of a (remote) traceback; the innermost cause comes first
+_ERROR_LINE = re.compile(r"^\s*(?:\w+\.)*(\w*(?:Error|Exception)): (.+)$")
+
+
+def stopped(exc: Exception, out: Location) -> Exception:
+    """One clear message for a job that failed mid-run (Ray's errors hold remote tracebacks).
+
+    The root cause's first line, the retries Ray Data made, what is kept and how to resume.
+    A root cause that is an ``OSError`` (an object store that stayed down through every
+    retry) gives an ``OSError``, anything else a ``RuntimeError``.
+    """
+    lines = str(exc).splitlines()
+    roots = [m for m in map(_ERROR_LINE.match, lines) if m and not m[0].lstrip().startswith("ray.")]
+    if roots:
+        name, first = roots[0].group(1), roots[0].group(2).strip()
+    else:
+        name, first = type(exc).__name__, (lines or [""])[0].strip()
+    tries = [ln.strip().rstrip(".") for ln in lines if "attempts (total backoff" in ln]
+    if tries:
+        first = f"{first} ({tries[0]})"
+    cls = getattr(builtins, name, None)
+    kind = OSError if isinstance(cls, type) and issubclass(cls, OSError) else RuntimeError
+    return kind(
+        f"the labelling job stopped: {name}: {first}. Images with finished output in "
+        f"{out.uri} are kept; once the cause is fixed, rerun the same command: only the "
+        "unfinished images run again"
+    )
+
+
+def new_counts() -> dict[str, int]:
+    """This run's counts, as ``drain`` fills them and run.json records them."""
+    return {"images": 0, "ok": 0, "errors": 0, "instances": 0}
+
+
+def drain(
+    ds: ray.data.Dataset, out: Location, progress: ProgressReporter, counts: dict[str, int]
+) -> None:
+    """Run ``ds`` (per-image summary rows) to the end, adding to ``counts`` and ``progress``.
+
+    Raises what ``stopped`` makes of a failure: the job's work so far is kept in OUT.
+    """
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            n = len(batch[Col.IMAGE_ID])
+            n_err = int(np.sum(batch[Col.STATUS] != "ok"))
+            counts["images"] += n
+            counts["errors"] += n_err
+            counts["ok"] += n - n_err
+            counts["instances"] += int(np.sum(batch[Col.N_INSTANCES]))
+            progress.add(n, n_err)
+    except Exception as exc:
+        raise stopped(exc, out) from exc
+
+
+def totals(out: Location) -> dict[str, Any]:
+    cols = [Col.STATUS, Col.N_INSTANCES, Col.T_DECODE, Col.T_PROPOSE, Col.T_MATCH, Col.T_ENCODE]
+    tot: dict[str, Any] = {"images": 0, "ok": 0, "errors": 0, "instances": 0}
+    stages = dict.fromkeys(("decode", "propose", "match", "encode"), 0.0)
+    for t in outputs.iter_tables(out, outputs.IMAGES_DIR, cols):
+        status = np.asarray(t.column(Col.STATUS).to_pylist())
+        tot["images"] += t.num_rows
+        tot["ok"] += int(np.sum(status == "ok"))
+        tot["errors"] += int(np.sum(status != "ok"))
+        tot["instances"] += int(np.sum(t.column(Col.N_INSTANCES).to_numpy()))
+        for key, col in zip(stages, cols[2:], strict=True):
+            stages[key] += float(np.nansum(t.column(col).to_numpy(zero_copy_only=False)))
+    tot["stage_seconds"] = stages
+    return tot
