@@ -12,7 +12,8 @@ and the paper's 32 x 32 point grid (1024 prompts), decoded by four variants thro
 Per variant: ms per prompt (median over ``--repeats`` passes over all prompts, the variants
 alternating within each pass), GFLOP per prompt (``torch.utils.flop_counter``; the fast
 path's once-per-image work shared over the prompts), peak memory of one decoder call
-(CUDA: max allocated; CPU: peak RSS over the call, Linux ``clear_refs``), and against
+(CUDA: max allocated; CPU: peak RSS over the call in a fresh process, Linux
+``clear_refs``), and against
 stock-fp32 on every prompt: max abs logit difference, max IoU difference, the same
 best-of-three choice (prompts whose top two IoUs lie within 1e-5 left out), the same
 proposals kept by the 0.4 IoU filter (IoUs within 1e-5 of it left out), and for bf16 the
@@ -29,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -196,6 +199,43 @@ def _embedding(config: str, size: int, device: str) -> tuple[torch.nn.Module, tu
     return proposer.model, (embed, high_res)
 
 
+def _peak(config: str, name: str, batch: int, args: argparse.Namespace) -> float | str:
+    """MiB of one decoder call of ``batch`` prompts. On CPU in a fresh process whose
+    allocator returns every large block (``MALLOC_MMAP_THRESHOLD_``), so that the peak RSS
+    is the call's own; on CUDA from the allocator's peak."""
+    if args.device != "cpu":
+        model, embed = _embedding(config, args.size, args.device)
+        points = _grid(args)
+        p = _proposer(model, name, batch)
+        _run(p, embed, points[:2])
+        with _peak_memory(p.device) as mem:
+            _run(p, embed, points[:batch])
+        return mem.get("mib", "")
+    cmd = [sys.executable, __file__, "--peak-of", config, name, str(batch), "--size",
+           str(args.size), "--points-per-side", str(args.points_per_side)]  # fmt: skip
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def _peak_child(args: argparse.Namespace) -> int:
+    config, name, batch = args.peak_of[0], args.peak_of[1], int(args.peak_of[2])
+    model, embed = _embedding(config, args.size, "cpu")
+    points = _grid(args)
+    p = _proposer(model, name, batch)
+    _run(p, embed, points[:2])  # builds the bf16 copy and warms up
+    with _peak_memory(p.device) as mem:
+        _run(p, embed, points[:batch])
+    print(mem.get("mib", float("nan")))
+    return 0
+
+
+def _grid(args: argparse.Namespace) -> torch.Tensor:
+    from refseg_core import ops
+
+    return ops.point_grid(args.points_per_side, args.size, args.size)
+
+
 def bench_model(config: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     from refseg_core import ops
 
@@ -211,9 +251,7 @@ def bench_model(config: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         p = _proposer(model, n)
         rows[n]["prompt_batch"] = p.prompt_batch(tuple(embed[0].shape[-2:]))
         rows[n]["gflop_per_prompt"] = _flops_per_prompt(p, embed, points, min(64, len(points)))
-        with _peak_memory(p.device) as mem:
-            _run(p, embed, points[: rows[n]["prompt_batch"]])
-        rows[n]["peak_mib_per_call"] = mem.get("mib", "")
+        rows[n]["peak_mib_per_call"] = _peak(config, n, rows[n]["prompt_batch"], args)
         rows[n].update(check.get(n, {}))
     runs: dict[str, list[float]] = {n: [] for n in names}
     proposers = {n: _proposer(model, n) for n in names}
@@ -279,7 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="--end-to-end: alternating rounds")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: the script's own check")
     p.add_argument("--out-dir", default=None, help="JSON folder (default bench/results)")
+    p.add_argument("--peak-of", nargs=3, help=argparse.SUPPRESS)  # CONFIG VARIANT BATCH
     args = p.parse_args(argv)
+    if args.peak_of:
+        return _peak_child(args)
     if args.end_to_end:
         from _label_runs import end_to_end
 
