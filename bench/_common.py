@@ -54,6 +54,20 @@ def loadavg() -> list[float]:
         return []
 
 
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def _cpu_flags() -> list[str]:
+    """The CPU flags that decide bf16 and fp32 matmul speed (Linux; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    have = set(line.split(":", 1)[-1].split())
+    return [f for f in _ISA_FLAGS if f in have]
+
+
 def _cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
@@ -73,6 +87,8 @@ def machine_info() -> dict[str, Any]:
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host_cpus": os.cpu_count(),
         "cpu_model": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
