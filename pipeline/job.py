@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
@@ -19,7 +18,13 @@ from pipeline.progress import ProgressOptions, ProgressReporter, reporting
 from pipeline.proposal_cache import cache_record
 from pipeline.redo import begin_run, settle
 from pipeline.run_record import package_versions, start_record, write_run_record
-from pipeline.run_steps import check_reachable, config_fingerprint, drain, new_counts, totals
+from pipeline.run_steps import (
+    check_reachable,
+    complete_record,
+    config_fingerprint,
+    drain,
+    new_counts,
+)
 from pipeline.settings import PipelineSettings
 from pipeline.sources import ImageSource, NothingToDo, read_source
 from pipeline.storage import Location, resolve
@@ -229,14 +234,11 @@ def _run_holding_out(
     seconds = time.perf_counter() - t0
     lock.check()  # a run whose S3 lease was taken over writes no final file
     settle(out)  # one row per image even if a killed run's workers wrote late
-    categories = [{"id": c, "name": bank.names[c]} for c in bank.category_ids]
-    coco_stats = outputs.write_coco(out, categories)
-    total = totals(out)
-    record: dict[str, Any] = {
-        "fingerprint": fingerprint,
-        "status": "complete",
-        "preset": job.preset,
-        "config": {
+    record = complete_record(
+        out,
+        fingerprint=fingerprint,
+        preset=job.preset,
+        config={
             "model": job.model,
             "method": job.method,
             "pipeline": job.settings,
@@ -245,31 +247,18 @@ def _run_holding_out(
             "source": job.source,
             "out": job.out,
         },
-        "random_weights": job.model.random_weights,
-        "warnings": ["random weights: results are meaningless"] if job.model.random_weights else [],
-        "versions": package_versions(),
-        "checkpoints": _checkpoint_hashes(job.model),
-        "memory_bank": {"sha256": bank_sha, **bank.describe(), "meta": bank.meta},
-        "references": [
-            {**dataclasses.asdict(r), "category_name": bank.names[c], "image_uri": r.file_name}
-            for c in bank.category_ids
-            for r in bank.records[c]
-        ],
-        "counts": {
-            "this_run": counts,
-            "total": total,
+        random_weights=job.model.random_weights,
+        checkpoints=_checkpoint_hashes(job.model),
+        bank=bank,
+        bank_sha=bank_sha,
+        counts=counts,
+        more_counts={
             "skipped_done": len(done),
             "redone": {"changed": plan.changed, "errors_retried": plan.retried},
             "duplicate_rows_removed": plan.duplicates,
         },
-        "timings": {
-            "seconds": seconds,
-            "coco_json_seconds": coco_stats["seconds"],
-            "images_per_second": counts["images"] / seconds if seconds else 0.0,
-            "stage_seconds": total.pop("stage_seconds"),
-        },
-        "ray": {"address": os.environ.get("RAY_ADDRESS", "local")},
-    }
+        seconds=seconds,
+    )
     if job.cache_proposals:
         hashes = job.checkpoints or _checkpoint_hashes(job.model)
         record["proposal_cache"] = cache_record(job.model, job.method, hashes)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,12 +39,17 @@ from pipeline.proposal_cache import (
 from pipeline.redo import settle
 from pipeline.run_record import (
     check_fingerprint,
-    package_versions,
     read_run_record,
     start_record,
     write_run_record,
 )
-from pipeline.run_steps import check_reachable, config_fingerprint, drain, new_counts, totals
+from pipeline.run_steps import (
+    check_reachable,
+    complete_record,
+    config_fingerprint,
+    drain,
+    new_counts,
+)
 from pipeline.schema import Col
 from pipeline.settings import PipelineSettings, Resources
 from pipeline.stages import RematchStage
@@ -344,17 +348,12 @@ def _write_record(
     t0: float,
 ) -> None:
     """COCO files and run.json, as ``refseg label`` writes them, plus where the cache is."""
-    categories = [{"id": c, "name": bank.names[c]} for c in bank.category_ids]
-    coco_stats = outputs.write_coco(out, categories)
-    total = totals(out)
-    seconds = time.perf_counter() - t0
-    rw = job.model.random_weights
     cached = job.cache.record
-    record: dict[str, Any] = {
-        "fingerprint": fingerprint,
-        "status": "complete",
-        "preset": job.preset,
-        "config": {
+    record = complete_record(
+        out,
+        fingerprint=fingerprint,
+        preset=job.preset,
+        config={
             "model": job.model,
             "method": job.method,
             "pipeline": job.settings,
@@ -363,25 +362,14 @@ def _write_record(
             "source": {"rematch_of": job.cache.run.uri},
             "out": job.out,
         },
-        "random_weights": rw,
-        "warnings": ["random weights: results are meaningless"] if rw else [],
-        "versions": package_versions(),
-        "checkpoints": cached.get("checkpoints"),
-        "memory_bank": {"sha256": bank_sha, **bank.describe(), "meta": bank.meta},
-        "references": [
-            {**dataclasses.asdict(r), "category_name": bank.names[c], "image_uri": r.file_name}
-            for c in bank.category_ids
-            for r in bank.records[c]
-        ],
-        "rematch": {"run": job.cache.run.uri, "cache_fingerprint": cached.get("fingerprint")},
-        "proposal_cache": {**job.cache.info, "location": job.cache.location.uri},
-        "counts": {"this_run": counts, "total": total, "skipped_done": skipped},
-        "timings": {
-            "seconds": seconds,
-            "coco_json_seconds": coco_stats["seconds"],
-            "images_per_second": counts["images"] / seconds if seconds else 0.0,
-            "stage_seconds": total.pop("stage_seconds"),
-        },
-        "ray": {"address": os.environ.get("RAY_ADDRESS", "local")},
-    }
+        random_weights=job.model.random_weights,
+        checkpoints=cached.get("checkpoints"),
+        bank=bank,
+        bank_sha=bank_sha,
+        counts=counts,
+        more_counts={"skipped_done": skipped},
+        seconds=time.perf_counter() - t0,
+    )
+    record["rematch"] = {"run": job.cache.run.uri, "cache_fingerprint": cached.get("fingerprint")}
+    record["proposal_cache"] = {**job.cache.info, "location": job.cache.location.uri}
     write_run_record(out, record)

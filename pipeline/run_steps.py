@@ -8,6 +8,7 @@ import builtins
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from typing import Any
 
@@ -16,10 +17,20 @@ import ray.data
 
 from pipeline import outputs
 from pipeline.progress import ProgressReporter
+from pipeline.run_record import package_versions
 from pipeline.schema import Col
 from pipeline.storage import Location
+from refseg_core.memory_bank import MemoryBank
 
-__all__ = ["check_reachable", "config_fingerprint", "drain", "new_counts", "stopped", "totals"]
+__all__ = [
+    "check_reachable",
+    "complete_record",
+    "config_fingerprint",
+    "drain",
+    "new_counts",
+    "stopped",
+    "totals",
+]
 
 
 def _changed(obj: Any, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -126,3 +137,49 @@ def totals(out: Location) -> dict[str, Any]:
             stages[key] += float(np.nansum(t.column(col).to_numpy(zero_copy_only=False)))
     tot["stage_seconds"] = stages
     return tot
+
+
+def complete_record(
+    out: Location,
+    *,
+    fingerprint: str,
+    preset: str | None,
+    config: dict[str, Any],
+    random_weights: bool,
+    checkpoints: Any,
+    bank: MemoryBank,
+    bank_sha: str,
+    counts: dict[str, int],
+    more_counts: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    """Write OUT's COCO files over every image; return the fields of a complete run.json
+    that ``refseg label`` and ``refseg rematch`` share (each adds its own, then writes it).
+    """
+    categories = [{"id": c, "name": bank.names[c]} for c in bank.category_ids]
+    coco_stats = outputs.write_coco(out, categories)
+    total = totals(out)
+    return {
+        "fingerprint": fingerprint,
+        "status": "complete",
+        "preset": preset,
+        "config": config,
+        "random_weights": random_weights,
+        "warnings": ["random weights: results are meaningless"] if random_weights else [],
+        "versions": package_versions(),
+        "checkpoints": checkpoints,
+        "memory_bank": {"sha256": bank_sha, **bank.describe(), "meta": bank.meta},
+        "references": [
+            {**dataclasses.asdict(r), "category_name": bank.names[c], "image_uri": r.file_name}
+            for c in bank.category_ids
+            for r in bank.records[c]
+        ],
+        "counts": {"this_run": counts, "total": total, **more_counts},
+        "timings": {
+            "seconds": seconds,
+            "coco_json_seconds": coco_stats["seconds"],
+            "images_per_second": counts["images"] / seconds if seconds else 0.0,
+            "stage_seconds": total.pop("stage_seconds"),
+        },
+        "ray": {"address": os.environ.get("RAY_ADDRESS", "local")},
+    }
