@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_output
 from pipeline.proposal_cache import PROPOSALS_DIR, cache_table
-from pipeline.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, Col
+from pipeline.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, Col, image_columns
 from pipeline.storage import Location, put_atomic
 from refseg_core.coco import write_json_array
 
@@ -70,14 +70,8 @@ def _images_table(batch: dict[str, np.ndarray]) -> pa.Table:
         np.asarray(batch[c], dtype=np.float64)
         for c in (Col.T_DECODE, Col.T_PROPOSE, Col.T_MATCH, Col.T_ENCODE)
     )
-    errors = [str(e) if e else None for e in batch[Col.ERROR]]
     cols: dict[str, Any] = {
-        Col.IMAGE_ID: batch[Col.IMAGE_ID],
-        Col.IMAGE_URI: [str(u) for u in batch[Col.IMAGE_URI]],
-        Col.WIDTH: batch[Col.WIDTH],
-        Col.HEIGHT: batch[Col.HEIGHT],
-        Col.STATUS: [str(s) for s in batch[Col.STATUS]],
-        Col.ERROR: errors,
+        **image_columns(batch),
         Col.N_INSTANCES: batch.get(Col.N_INSTANCES, np.zeros(n, np.int32)),
         Col.SECONDS: seconds,
     }

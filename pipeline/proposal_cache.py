@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.schema import Col
+from pipeline.schema import Col, image_columns
 from pipeline.storage import Location
 from refseg_core.config import MethodConfig, ModelConfig
 
@@ -137,12 +137,7 @@ def cache_table(batch: dict[str, np.ndarray]) -> pa.Table:
     """The proposals part of one batch (the MatchStage output with the cache columns)."""
     n = len(batch[Col.IMAGE_ID])
     cols: dict[str, Any] = {
-        Col.IMAGE_ID: batch[Col.IMAGE_ID],
-        Col.IMAGE_URI: [str(u) for u in batch[Col.IMAGE_URI]],
-        Col.WIDTH: batch[Col.WIDTH],
-        Col.HEIGHT: batch[Col.HEIGHT],
-        Col.STATUS: [str(s) for s in batch[Col.STATUS]],
-        Col.ERROR: [str(e) if e else None for e in batch[Col.ERROR]],
+        **image_columns(batch),
         Col.PROPOSALS: [bytes(b) for b in batch[Col.PROPOSALS]],
         Col.POOLED: [bytes(b) for b in batch[Col.POOLED]],
     }

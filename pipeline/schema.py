@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from refseg_core.instances import INSTANCES_SCHEMA
@@ -62,3 +64,15 @@ IMAGES_SCHEMA = pa.schema(
 def image_id_from_uri(uri: str) -> int:
     """Deterministic 52-bit id of an image URI (exact in JSON readers that use doubles)."""
     return int.from_bytes(hashlib.sha256(uri.encode("utf-8")).digest()[:8], "big") >> 12
+
+
+def image_columns(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Each image's id, URI, size, status and error text, as every per-image part holds them."""
+    return {
+        Col.IMAGE_ID: batch[Col.IMAGE_ID],
+        Col.IMAGE_URI: [str(u) for u in batch[Col.IMAGE_URI]],
+        Col.WIDTH: batch[Col.WIDTH],
+        Col.HEIGHT: batch[Col.HEIGHT],
+        Col.STATUS: [str(s) for s in batch[Col.STATUS]],
+        Col.ERROR: [str(e) if e else None for e in batch[Col.ERROR]],
+    }
