@@ -157,7 +157,15 @@ def complete_record(
     that ``refseg label`` and ``refseg rematch`` share (each adds its own, then writes it).
     """
     categories = [{"id": c, "name": bank.names[c]} for c in bank.category_ids]
-    coco_stats = outputs.write_coco(out, categories)
+    try:
+        coco_stats = outputs.write_coco(out, categories)
+    except OSError as exc:
+        said = " ".join(str(exc).split())
+        raise OSError(
+            f"every image is labelled, but writing the COCO files to {out.uri} failed: "
+            f"{type(exc).__name__}: {said}; rerun the same command to write them "
+            "(no image is labelled again)"
+        ) from exc
     total = totals(out)
     return {
         "fingerprint": fingerprint,

@@ -133,7 +133,7 @@ def test_outage_longer_than_the_retries_fails_clearly_then_rerun_resumes(
     tiny_setup, tmp_path, moto, monkeypatch
 ):
     monkeypatch.setattr("pipeline.graph.IO_RETRIES", 1)  # fail sooner: 2 attempts of a part
-    n = 8
+    n = 24  # with 8 the fast decoder had written every part before the outage began
     s3, job = _setup(tiny_setup, tmp_path, moto, n)
     outage = Outage(moto, s3, BUCKET, after=2, seconds=None)
     try:

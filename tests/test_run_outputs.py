@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import zlib
+from types import SimpleNamespace
 
 import boto3
 import numpy as np
@@ -27,6 +28,7 @@ import pytest
 from pipeline import outputs
 from pipeline.decode import decode_batch
 from pipeline.run_record import RunRecordError, check_fingerprint, read_run_record
+from pipeline.run_steps import complete_record, new_counts
 from pipeline.schema import Col
 from pipeline.storage import resolve
 from refseg_core.imaging import ImageDecodeError, decode_image
@@ -85,6 +87,29 @@ def test_an_interrupted_coco_assembly_leaves_the_previous_files(tmp_path):
         assert (tmp_path / "out" / name).read_text() == text
         json.loads(text)
     assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def test_a_store_failure_while_writing_the_coco_files_says_a_rerun_writes_them(
+    tmp_path, monkeypatch
+):
+    out = resolve(str(tmp_path / "out"))
+    _part(out, 1, [0.5])
+
+    def unreachable(*_args, **_kwargs):
+        raise OSError('Read timeout on endpoint URL:\n "http://127.0.0.1:1/b/coco_results.json"')
+
+    monkeypatch.setattr(outputs, "write_coco", unreachable)
+    bank = SimpleNamespace(category_ids=[1], names={1: "cat"})
+    with pytest.raises(OSError) as info:
+        complete_record(
+            out, fingerprint="f", preset=None, config={}, random_weights=False,
+            checkpoints=None, bank=bank, bank_sha="s", counts=new_counts(), more_counts={},
+            seconds=1.0,
+        )  # fmt: skip
+    message = str(info.value)
+    assert message.startswith(f"every image is labelled, but writing the COCO files to {out.uri}")
+    assert "OSError: Read timeout" in message and "\n" not in message
+    assert message.endswith("rerun the same command to write them (no image is labelled again)")
 
 
 def test_an_interrupted_coco_assembly_on_s3_leaves_no_object(s3_endpoint):
