@@ -1,7 +1,7 @@
 """Helpers shared by the benchmark scripts: machine facts, tables, JSON results, data.
 
 Every script runs as ``python bench/<name>.py`` from a clean clone: this module puts the
-repository root on ``sys.path`` so that ``refseg_core``, ``pipeline`` and ``jobs`` import
+repository root on ``sys.path`` so that ``refseg.core``, ``pipeline`` and ``jobs`` import
 without an install.
 """
 
@@ -206,7 +206,7 @@ def write_images(
 
 def synthetic_bank(encoder: Any, n_classes: int = 2) -> Any:
     """A ``MemoryBank`` of ``n_classes`` one-shot classes, each from a synthetic image."""
-    from refseg_core.memory_bank import MemoryBank, ShotRecord, encode_shot
+    from refseg.core.memory_bank import MemoryBank, ShotRecord, encode_shot
 
     rng = np.random.default_rng(0)
     bank = MemoryBank(encoder=encoder.name, image_size=encoder.image_size)
@@ -227,7 +227,7 @@ def tiny_bank(path: Path, model: Any, method: Any, n_classes: int = 2) -> Path:
     Built as ``tests/conftest.py`` builds its tiny bank (random weights are seeded, so the
     labelling run's encoder is the same one).
     """
-    from refseg_core.factory import build_encoder
+    from refseg.core.factory import build_encoder
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

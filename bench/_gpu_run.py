@@ -13,15 +13,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import refseg.core.ops
 import torch
+from refseg.core.factory import compile_dinov2, compile_sam2
+from refseg.core.imaging import PreparedTarget
+from refseg.core.instances import Instances
+from refseg.core.segmenter import Segmenter
+from refseg.core.tensors import stack_targets
 from torch.utils.flop_counter import FlopCounterMode
-
-import refseg_core.ops
-from refseg_core.factory import compile_dinov2, compile_sam2
-from refseg_core.imaging import PreparedTarget
-from refseg_core.instances import Instances
-from refseg_core.segmenter import Segmenter
-from refseg_core.tensors import stack_targets
 
 __all__ = ["sync", "configured", "label_all", "StageClock", "count_flops", "compare"]
 
@@ -95,7 +94,7 @@ class StageClock:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        p, m, ops = self.seg.proposer, self.seg.matcher, refseg_core.ops
+        p, m, ops = self.seg.proposer, self.seg.matcher, refseg.core.ops
         saved = ops.soft_merge_scores
         p.propose = self._count(p.propose)  # type: ignore[method-assign]
         p.encode = self._wrap("sam2_encode", p.encode)  # type: ignore[method-assign]

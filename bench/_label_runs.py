@@ -64,7 +64,7 @@ def _instances(out: Path, image_ids: list[int]) -> list[_Found]:
 
 def _label(variant: str, images: Path, bank: Path, out: Path) -> float:
     cmd = [
-        sys.executable, "-m", "jobs", "label", "--preset", "ntt", "--sam2-config",
+        sys.executable, "-m", "refseg", "label", "--preset", "ntt", "--sam2-config",
         "sam2_hiera_t", "--random-weights", "--memory", str(bank), "--images", str(images),
         "--out", str(out), *E2E_VARIANTS[variant],
     ]  # fmt: skip
@@ -78,8 +78,7 @@ def _label(variant: str, images: Path, bank: Path, out: Path) -> float:
 def end_to_end(args: argparse.Namespace, argv: list[str] | None) -> int:
     import torch
     from _gpu_run import compare
-
-    from refseg_core.config import get_preset, replace
+    from refseg.core.config import get_preset, replace
 
     work = Path(tempfile.mkdtemp(prefix="refseg-e2e-"))
     images = work / "images"

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import _common
-
-from pipeline.settings import PipelineSettings
+from refseg.pipeline.dataflow.settings import PipelineSettings
 
 __all__ = ["pipeline_run", "operator_seconds", "actor_timeline", "import_seconds"]
 
@@ -50,9 +49,8 @@ def pipeline_run(
 ) -> dict[str, Any]:
     """``run_label`` on the running local Ray; seconds, counts and stage seconds."""
     import ray.data
-
-    from pipeline.job import LabelJob, run_label
-    from pipeline.sources import ImageSource
+    from refseg.pipeline.dataflow.sources import ImageSource
+    from refseg.pipeline.job import LabelJob, run_label
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_auto_log_stats = True
@@ -112,11 +110,12 @@ def actor_timeline(t_start: float) -> dict[str, float | None]:
 
 
 def import_seconds() -> float:
-    """Wall time of ``import pipeline.stages`` (torch, sam2, timm...) in a fresh process.
+    """Wall time of ``import refseg.pipeline.dataflow.stages`` (torch, sam2, timm...) in a
+    fresh process.
 
     Every Ray worker that runs a stage pays it; the bare loop pays it once, before its clock.
     """
-    code = "import time; t = time.perf_counter(); import pipeline.stages; "
+    code = "import time; t = time.perf_counter(); import refseg.pipeline.dataflow.stages; "
     code += "print(time.perf_counter() - t)"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=_common.ROOT, check=True

@@ -1,6 +1,6 @@
 """Memory bank: file size and build time against shots per class and classes.
 
-Each cell builds a bank through ``refseg_core.references.build_memory_bank`` (the path of
+Each cell builds a bank through ``refseg.core.references.build_memory_bank`` (the path of
 ``refseg build-memory``: COCO references with polygon masks, JPEGs read from disk, one
 DINOv2 forward per shot) with the chosen preset's encoder and random weights, saves it and
 reports the file size and build time. The bank stores one D-dim prototype per shot plus
@@ -29,11 +29,10 @@ import _common
 import numpy as np
 import torch
 from PIL import Image
-
-from refseg_core.config import get_preset, replace
-from refseg_core.factory import build_encoder
-from refseg_core.memory_bank import MemoryBank
-from refseg_core.references import build_memory_bank
+from refseg.core.config import get_preset, replace
+from refseg.core.factory import build_encoder
+from refseg.core.memory_bank import MemoryBank
+from refseg.core.references import build_memory_bank
 
 PAPER_BYTES_PER_SHOT = 37 * 37 * 1024 * 4  # 5,607,424 B: the paper's per-shot feature map
 NTT_DIM = 1024
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         encoder = build_encoder(model, preset.method)
-    logging.getLogger("refseg_core").setLevel(logging.ERROR)
+    logging.getLogger("refseg.core").setLevel(logging.ERROR)
     machine = _common.machine_info()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

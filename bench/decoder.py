@@ -2,10 +2,10 @@
 
 One image embedding per model (a synthetic image through the model's own encoder, float32)
 and the paper's 32 x 32 point grid (1024 prompts), decoded by four variants through
-``refseg_core.proposals.Sam2Proposer``:
+``refseg.core.proposals.Sam2Proposer``:
 
   stock-fp32   SAM2's ``sam_mask_decoder(..., repeat_image=True)``, prompt batch 256 (the paper)
-  fast-fp32    refseg_core.decoder.SharedImageDecoder (the default), automatic prompt batch
+  fast-fp32    refseg.core.decoder.SharedImageDecoder (the default), automatic prompt batch
   stock-bf16   SAM2's call under bf16 autocast
   fast-bf16    the fast path in bf16 (``--autocast-bf16``)
 
@@ -56,8 +56,8 @@ IOU_FILTER = 0.4
 
 
 def _proposer(model: torch.nn.Module, name: str, batch: int = 0) -> Any:
-    from refseg_core.config import MethodConfig
-    from refseg_core.proposals import Sam2Proposer
+    from refseg.core.config import MethodConfig
+    from refseg.core.proposals import Sam2Proposer
 
     decoder, bf16 = VARIANTS[name]
     method = MethodConfig(decoder=decoder, autocast_bf16=bf16, prompt_batch=batch)
@@ -184,8 +184,8 @@ def _check(model: torch.nn.Module, embed: tuple, points: torch.Tensor, names: li
 
 
 def _embedding(config: str, size: int, device: str) -> tuple[torch.nn.Module, tuple]:
-    from refseg_core.config import MethodConfig, ModelConfig
-    from refseg_core.factory import build_proposer
+    from refseg.core.config import MethodConfig, ModelConfig
+    from refseg.core.factory import build_proposer
 
     model_cfg = ModelConfig(
         sam2_config=config, sam2_image_size=size, random_weights=True, device=device
@@ -231,13 +231,13 @@ def _peak_child(args: argparse.Namespace) -> int:
 
 
 def _grid(args: argparse.Namespace) -> torch.Tensor:
-    from refseg_core import ops
+    from refseg.core import ops
 
     return ops.point_grid(args.points_per_side, args.size, args.size)
 
 
 def bench_model(config: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from refseg_core import ops
+    from refseg.core import ops
 
     model, embed = _embedding(config, args.size, args.device)
     points = ops.point_grid(args.points_per_side, args.size, args.size)
@@ -277,7 +277,7 @@ def bench_model(config: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def batch_sweep(config: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from refseg_core import ops
+    from refseg.core import ops
 
     model, embed = _embedding(config, args.size, args.device)
     points = ops.point_grid(args.points_per_side, args.size, args.size)[: max(args.batches)]

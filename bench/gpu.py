@@ -2,13 +2,13 @@
 
 The ``ntt`` preset with random weights at real sizes (SAM2 Hiera-L at 1024, DINOv2 ViT-L/14
 at 518, a 32x32 prompt grid, 10 one-shot classes) labels synthetic 480x640 images with
-``refseg_core.segmenter.Segmenter`` on one GPU. Decoding and RLE encoding (CPU work in the
+``refseg.core.segmenter.Segmenter`` on one GPU. Decoding and RLE encoding (CPU work in the
 pipeline) are left out; the clock covers the upload, both models, matching and the masks'
 copy back to the host. Every variant runs on the same prepared images after warm-up:
 
   fp32              the paper's setting (SAM2's own decoder call, prompt batch 256, one
                     image per call, no compile)
-  fp32-fast         refseg's default decoder (refseg_core.decoder: each image's shared
+  fp32-fast         refseg's default decoder (refseg.core.decoder: each image's shared
                     work once), automatic prompt batch
   bf16              MethodConfig.autocast_bf16 (SAM2 and DINOv2 under bf16 autocast)
   bf16-fast         bf16 with the fast decoder (run natively in bf16)
@@ -130,12 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     from _gpu_run import StageClock, compare, configured, count_flops, label_all, sync
-
-    from refseg_core.config import get_preset, replace
-    from refseg_core.factory import build_encoder, build_proposer
-    from refseg_core.imaging import prepare_target
-    from refseg_core.matching import Matcher
-    from refseg_core.segmenter import Segmenter
+    from refseg.core.config import get_preset, replace
+    from refseg.core.factory import build_encoder, build_proposer
+    from refseg.core.imaging import prepare_target
+    from refseg.core.matching import Matcher
+    from refseg.core.segmenter import Segmenter
 
     variants = (
         ["fp32", "fp32-fast", "bf16", "bf16-fast"]

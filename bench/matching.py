@@ -33,14 +33,13 @@ from typing import Any
 import _common
 import numpy as np
 import torch
-
-from refseg_core.config import get_preset, replace
-from refseg_core.factory import build_encoder
-from refseg_core.imaging import prepare_target
-from refseg_core.instances import Instances
-from refseg_core.matching import Matcher
-from refseg_core.proposals import Proposals
-from refseg_core.tensors import stack_targets
+from refseg.core.config import get_preset, replace
+from refseg.core.factory import build_encoder
+from refseg.core.imaging import prepare_target
+from refseg.core.instances import Instances
+from refseg.core.matching import Matcher
+from refseg.core.proposals import Proposals
+from refseg.core.tensors import stack_targets
 
 
 def random_logits(n: int, size: int = 256, seed: int = 0) -> torch.Tensor:

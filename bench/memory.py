@@ -1,6 +1,6 @@
 """Peak memory of the driver and of each Ray worker for N and factor*N images.
 
-Each size runs ``pipeline.job.run_label`` (what ``refseg label`` calls) in a fresh child
+Each size runs ``refseg.pipeline.job.run_label`` (what ``refseg label`` calls) in a fresh child
 process with its own local Ray, the ``tiny`` preset and random weights. While the job runs,
 a thread in the driver reads ``VmHWM`` (peak resident set) from ``/proc/<pid>/status`` of
 every process under it (raylet, GCS, task workers, the two model actors) every 0.2 s and
@@ -130,10 +130,9 @@ def child(images: str, bank: str, out: str, cpus: int) -> dict[str, Any]:
     """One labelling run under a sampler; returns peaks per role (MiB)."""
     warnings.simplefilter("ignore")
     import ray
-
-    from pipeline.job import LabelJob, run_label
-    from pipeline.sources import ImageSource
-    from refseg_core.config import get_preset, replace
+    from refseg.core.config import get_preset, replace
+    from refseg.pipeline.dataflow.sources import ImageSource
+    from refseg.pipeline.job import LabelJob, run_label
 
     preset = get_preset("tiny")
     model = replace(preset.model, random_weights=True)
@@ -176,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(result).write_text(json.dumps(child(images, bank, out, args.cpus)))
         return 0
 
-    from refseg_core.config import get_preset, replace
+    from refseg.core.config import get_preset, replace
 
     hw = tuple(int(v) for v in args.image_size.lower().split("x"))
     preset = get_preset("tiny")

@@ -2,7 +2,7 @@
 
 One process, one run, both sides on the same images, models and output format:
 
-* pipeline: ``pipeline.job.run_label`` (what ``refseg label`` calls) on a local Ray with
+* pipeline: ``refseg.pipeline.job.run_label`` (what ``refseg label`` calls) on a local Ray with
   ``--cpus`` CPUs and the default ``PipelineSettings``; on CPU these give one SAM2 actor
   and one DINOv2 actor with ``cpus`` torch threads each. Its time includes the actors'
   start-up (each builds its model), reading, decoding, writing parts, COCO JSON and run.json.
@@ -10,12 +10,12 @@ One process, one run, both sides on the same images, models and output format:
   and a 2-image run first absorbs Ray Data's one-off session start-up (its system actors);
   both times are reported apart. ``startup_s`` is the time until the first batch reaches a
   model actor; ``steady`` figures count from there to the last batch (``ray.timeline()``).
-* bare: ``refseg_core.segmenter.Segmenter`` in this process with ``--cpus`` torch threads
+* bare: ``refseg.core.segmenter.Segmenter`` in this process with ``--cpus`` torch threads
   (``--bare-threads 2 1`` runs it once per thread count and the ratios are taken against
-  the fastest), one image at a time: read the file,
-  decode and resize, SAM2 proposals, DINOv2 matching, RLE + Arrow encoding, and the same
-  ``pipeline.outputs.write_parts`` every ``write_batch_size`` images. Its time includes
-  building the two models once, as the actors do.
+  the fastest), one image at a time: read the file, decode and resize, SAM2 proposals,
+  DINOv2 matching, RLE + Arrow encoding, and the same
+  ``refseg.pipeline.dataflow.writer.write_parts`` every ``write_batch_size`` images. Its
+  time includes building the two models once, as the actors do.
 
 Stage seconds of the pipeline come from its per-image columns (decode, propose, match,
 encode; each actor's batch time shared out over the batch's images) and, for write, from
@@ -45,17 +45,16 @@ import _common
 import numpy as np
 import torch
 from _pipeline_probe import import_seconds, pipeline_run
-
-from pipeline.outputs import instances_blob, write_parts
-from pipeline.schema import Col, image_id_from_uri
-from pipeline.settings import PipelineSettings
-from pipeline.storage import resolve
-from refseg_core.config import get_preset, replace
-from refseg_core.factory import build_encoder, build_proposer
-from refseg_core.imaging import decode_image, prepare_target
-from refseg_core.matching import Matcher
-from refseg_core.memory_bank import MemoryBank
-from refseg_core.segmenter import Segmenter
+from refseg.core.config import get_preset, replace
+from refseg.core.factory import build_encoder, build_proposer
+from refseg.core.imaging import decode_image, prepare_target
+from refseg.core.matching import Matcher
+from refseg.core.memory_bank import MemoryBank
+from refseg.core.segmenter import Segmenter
+from refseg.pipeline.dataflow.settings import PipelineSettings
+from refseg.pipeline.dataflow.writer import instances_blob, write_parts
+from refseg.pipeline.schema import Col, image_id_from_uri
+from refseg.pipeline.storage import resolve
 
 TARGET_RATIO = 0.9
 STAGES = ("decode", "propose", "match", "encode", "write")
@@ -293,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{statistics.median(steady_ok) if steady_ok else float('nan'):.3f} "
         f"(target >= {TARGET_RATIO}); not counted: Ray start-up {ray_start:.1f} s, warm-up run "
         f"{first_run or 0:.1f} s; "
-        f"importing pipeline.stages in a fresh process {imports:.1f} s; "
+        f"importing refseg.pipeline.dataflow.stages in a fresh process {imports:.1f} s; "
         f"load now {_common.loadavg()}"
     )
     return _common.finish(

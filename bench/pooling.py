@@ -1,6 +1,6 @@
 """Patch-resolution pooling against upsample-then-average on the same masks.
 
-``refseg_core.ops.pool_features`` averages bilinearly upsampled DINOv2 features inside each
+``refseg.core.ops.pool_features`` averages bilinearly upsampled DINOv2 features inside each
 mask without building the (H, W, D) map; ``pool_features_naive`` is the paper's form
 (upsample to the mask size, then average). Both get the same features and masks; the
 script reports their times, the ratio and the largest absolute difference.
@@ -21,8 +21,7 @@ import sys
 
 import _common
 import torch
-
-from refseg_core import ops
+from refseg.core import ops
 
 TARGET_RATIO = 20.0
 

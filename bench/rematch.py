@@ -4,11 +4,11 @@ The question a user asks after changing the memory bank: how much faster is ``re
 rematch`` (matching the cached proposals and pooled features against the new bank) than
 ``refseg label`` of the same images with that bank (SAM2 + DINOv2 + matching)?
 
-1. ``pipeline.job.run_label`` with ``cache_proposals=True`` and bank A makes the cache
+1. ``refseg.pipeline.job.run_label`` with ``cache_proposals=True`` and bank A makes the cache
    (timed, reported as "label --cache-proposals").
 2. Then ``--rounds`` rounds, the two sides in alternating order, both with bank B (one
    class more than A): ``run_label`` without cache (a full relabel), and
-   ``pipeline.rematch.run_rematch`` of the cache. Both are what the two commands call; both
+   ``refseg.pipeline.rematch.run_rematch`` of the cache. Both are what the two commands call; both
    times include the actors' start-up, reading, writing parts, COCO JSON and run.json. Ray
    is started before the clock, and an untimed 2-image run absorbs Ray Data's one-off
    session start (``--no-warmup`` skips it). Each round checks that both sides wrote the
@@ -50,14 +50,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pipeline_overhead import parse_settings
-
-from pipeline.job import LabelJob, ensure_ray, run_label
-from pipeline.rematch import RematchJob, configs_of, open_cache, run_rematch
-from pipeline.settings import PipelineSettings
-from pipeline.sources import ImageSource
-from refseg_core.config import get_preset, replace
-from refseg_core.imaging import decode_image, prepare_target
-from refseg_core.tensors import stack_targets
+from refseg.core.config import get_preset, replace
+from refseg.core.imaging import decode_image, prepare_target
+from refseg.core.tensors import stack_targets
+from refseg.pipeline.dataflow.settings import PipelineSettings
+from refseg.pipeline.dataflow.sources import ImageSource
+from refseg.pipeline.job import LabelJob, ensure_ray, run_label
+from refseg.pipeline.rematch import RematchJob, configs_of, open_cache, run_rematch
 
 TARGET_SPEEDUP = 5.0
 
@@ -104,9 +103,9 @@ def column_bytes(folder: Path, columns: list[str]) -> dict[str, int]:
 
 def feature_map_bytes(paths: list[Path], model: Any, method: Any) -> dict[str, float]:
     """Per image: the DINOv2 feature map stored as a zstd Parquet binary column, and raw."""
-    from refseg_core.factory import build_encoder
-    from refseg_core.matching import Matcher
-    from refseg_core.memory_bank import MemoryBank
+    from refseg.core.factory import build_encoder
+    from refseg.core.matching import Matcher
+    from refseg.core.memory_bank import MemoryBank
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -131,8 +130,7 @@ def ellipse_proposal_bytes(n: int, model: Any) -> float:
     """Stored bytes of one image's ``n`` object-like proposals (``Proposals.to_bytes``)."""
     import torch
     from matching import random_logits
-
-    from refseg_core.proposals import Proposals
+    from refseg.core.proposals import Proposals
 
     size = model.sam2_image_size
     logits = random_logits(n, size // 4)

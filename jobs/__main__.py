@@ -1,10 +1,10 @@
-"""``python -m jobs``: the ``refseg`` command line."""
+"""``python -m refseg.jobs``: the ``refseg`` command line."""
 
 from __future__ import annotations
 
 import sys
 
-from jobs.cli import main
+from refseg.jobs.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,16 +28,15 @@ import fsspec
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-
-from jobs.options import add_model_args, resolve_configs
-from refseg_core import rle as rle_ops
-from refseg_core.coco import category_names, images_by_id, load_coco
-from refseg_core.config import ResizeMode
-from refseg_core.factory import build_proposer
-from refseg_core.imaging import resize_image
-from refseg_core.proposals import Sam2Proposer
-from refseg_core.references import image_uri, read_image
-from refseg_core.tensors import lowres_to_original, to_float_tensor
+from refseg.core import rle as rle_ops
+from refseg.core.coco import category_names, images_by_id, load_coco
+from refseg.core.config import ResizeMode
+from refseg.core.factory import build_proposer
+from refseg.core.imaging import resize_image
+from refseg.core.proposals import Sam2Proposer
+from refseg.core.references import image_uri, read_image
+from refseg.core.tensors import lowres_to_original, to_float_tensor
+from refseg.jobs.options import add_model_args, resolve_configs
 
 __all__ = [
     "BoxMaskSummary",
@@ -78,7 +77,7 @@ def box_masks(
         proposer: wraps a built SAM2 model (its input side S = ``proposer.input_size``).
         image: (H, W, 3) uint8 RGB.
         boxes_xywh: (K, 4) COCO boxes in original pixels.
-        resize: how the image goes into the S x S input (see ``refseg_core.imaging``).
+        resize: how the image goes into the S x S input (see ``refseg.core.imaging``).
 
     Returns:
         (K, H, W) bool masks at the original size.

@@ -38,70 +38,74 @@ class Command(NamedTuple):
 COMMANDS: tuple[Command, ...] = (
     Command(
         "sample-references",
-        "jobs.cmd_memory",
+        "refseg.jobs.cmd_memory",
         "add_sample_references_args",
         "run_sample_references",
         "sample K reference shots per class from a COCO annotation file",
     ),
     Command(
         "build-memory",
-        "jobs.cmd_memory",
+        "refseg.jobs.cmd_memory",
         "add_build_memory_args",
         "run_build_memory",
         "encode reference shots into a memory bank (or add shots to one)",
     ),
     Command(
         "label",
-        "jobs.cmd_label",
+        "refseg.jobs.cmd_label",
         "add_label_args",
         "run_label",
         "label images (folder, URI prefix, manifest or COCO list) on Ray",
     ),
     Command(
         "rematch",
-        "jobs.cmd_rematch",
+        "refseg.jobs.cmd_rematch",
         "add_rematch_args",
         "run_rematch",
         "label a `label --cache-proposals` run again with another memory bank, without SAM2",
     ),
     Command(
         "import-review",
-        "jobs.review",
+        "refseg.jobs.review",
         "add_import_review_args",
         "run_import_review",
         "turn a Label Studio review (or a CSV of verdicts) into new shots and negatives",
     ),
     Command(
         "evaluate",
-        "jobs.commands",
+        "refseg.jobs.commands",
         "add_evaluate_args",
         "run_evaluate",
         "COCO bbox and segm AP of a labelling run or results file",
     ),
-    Command("report", "jobs.report", "add_report_args", "run_report", "HTML review page of a run"),
+    Command(
+        "report", "refseg.jobs.report", "add_report_args", "run_report", "HTML review page of a run"
+    ),
     Command(
         "export",
-        "jobs.export",
+        "refseg.jobs.export",
         "add_export_args",
         "run_export",
         "export a run's labels to other formats",
     ),
     Command(
         "masks-from-boxes",
-        "jobs.box_masks",
+        "refseg.jobs.box_masks",
         "add_box_masks_args",
         "run_box_masks",
         "turn box-only reference annotations into masks with SAM2",
     ),
-    Command("demo", "jobs.demo", "add_demo_args", "run_demo", "offline end-to-end demo"),
+    Command("demo", "refseg.jobs.demo", "add_demo_args", "run_demo", "offline end-to-end demo"),
     Command(
         "checkpoints",
-        "jobs.commands",
+        "refseg.jobs.commands",
         "add_checkpoints_args",
         "run_checkpoints",
         "list or download the official checkpoints",
     ),
-    Command("version", "jobs.commands", "add_version_args", "run_version", "package versions"),
+    Command(
+        "version", "refseg.jobs.commands", "add_version_args", "run_version", "package versions"
+    ),
 )
 
 # Errors a user can act on: reported in one line, exit status 2.
@@ -171,7 +175,7 @@ def _setup_logging(verbose: int) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    for name in ("jobs", "pipeline", "refseg_core"):
+    for name in ("refseg",):
         logging.getLogger(name).setLevel(level)
 
 

@@ -13,9 +13,9 @@ import logging
 import warnings
 from typing import Any
 
-from jobs.options import add_model_args, flag, load_config_file, resolve_configs
-from refseg_core.checkpoints import default_checkpoint_for, resolve_checkpoint
-from refseg_core.config import ModelConfig
+from refseg.core.checkpoints import default_checkpoint_for, resolve_checkpoint
+from refseg.core.config import ModelConfig
+from refseg.jobs.options import add_model_args, flag, load_config_file, resolve_configs
 
 __all__ = ["add_label_args", "run_label", "PIPELINE_FLAGS", "pipeline_settings", "preflight"]
 
@@ -108,7 +108,7 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
 
 def pipeline_settings(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
     """``PipelineSettings`` from the defaults < config file < flags."""
-    from pipeline.settings import PipelineSettings
+    from refseg.pipeline.dataflow.settings import PipelineSettings
 
     values: dict[str, Any] = {}
     for f in dataclasses.fields(PipelineSettings):
@@ -143,7 +143,7 @@ def preflight(model: ModelConfig) -> dict[str, str | None]:
     """
     if model.random_weights:
         return {"sam2": None, "dinov2": None}
-    from refseg_core.models import sam2_config_name
+    from refseg.core.models import sam2_config_name
 
     short, _ = sam2_config_name(model.sam2_config)
     dinov2 = model.dinov2_model.replace("_reg4", "_reg")
@@ -155,7 +155,7 @@ def preflight(model: ModelConfig) -> dict[str, str | None]:
 
 def _check_bank(memory: str, model: ModelConfig, dinov2_sha: str | None) -> None:
     """Refuse a bank whose prototypes come from other DINOv2 weights than this run's."""
-    from refseg_core.memory_bank import MemoryBank
+    from refseg.core.memory_bank import MemoryBank
 
     bank = MemoryBank.load(memory)
     bank.check_encoder(model.dinov2_model, model.dinov2_image_size)
@@ -176,11 +176,11 @@ def _check_bank(memory: str, model: ModelConfig, dinov2_sha: str | None) -> None
 
 
 def run_label(args: argparse.Namespace) -> int:
-    from jobs.cli import scoped_env
-    from pipeline.job import LabelJob
-    from pipeline.job import run_label as run_job
-    from pipeline.progress import ProgressOptions
-    from pipeline.sources import ImageSource
+    from refseg.jobs.cli import scoped_env
+    from refseg.pipeline.dataflow.sources import ImageSource
+    from refseg.pipeline.job import LabelJob
+    from refseg.pipeline.job import run_label as run_job
+    from refseg.pipeline.store.progress import ProgressOptions
 
     file_cfg = load_config_file(getattr(args, "config", None))
     preset, model, method = resolve_configs(args)

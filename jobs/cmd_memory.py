@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-
-from jobs.options import add_model_args, resolve_configs
-from refseg_core.checkpoints import default_checkpoint_for, resolve_checkpoint
-from refseg_core.coco import load_coco
-from refseg_core.config import ModelConfig
+from refseg.core.checkpoints import default_checkpoint_for, resolve_checkpoint
+from refseg.core.coco import load_coco
+from refseg.core.config import ModelConfig
+from refseg.jobs.options import add_model_args, resolve_configs
 
 __all__ = [
     "add_sample_references_args",
@@ -71,7 +70,7 @@ def add_sample_references_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_sample_references(args: argparse.Namespace) -> int:
-    from refseg_core.sampling import resolve_split, sample_references
+    from refseg.core.sampling import resolve_split, sample_references
 
     ann = load_coco(args.annotations)
     ids = resolve_split(args.split, ann)
@@ -189,9 +188,9 @@ def _check_same_weights(bank: Any, meta: dict[str, Any], path: str) -> None:
 
 
 def run_build_memory(args: argparse.Namespace) -> int:
-    from refseg_core.factory import build_encoder
-    from refseg_core.memory_bank import MemoryBank
-    from refseg_core.references import build_memory_bank
+    from refseg.core.factory import build_encoder
+    from refseg.core.memory_bank import MemoryBank
+    from refseg.core.references import build_memory_bank
 
     if not args.references and not args.negatives:
         raise ValueError("pass --references REFS.json, --negatives NEG.json, or both")

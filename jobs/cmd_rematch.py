@@ -15,9 +15,9 @@ import dataclasses
 import logging
 from typing import Any
 
-from jobs.cmd_label import PIPELINE_FLAGS, pipeline_settings
-from jobs.options import add_model_args, flag, load_config_file
-from refseg_core.config import MethodConfig, ModelConfig
+from refseg.core.config import MethodConfig, ModelConfig
+from refseg.jobs.cmd_label import PIPELINE_FLAGS, pipeline_settings
+from refseg.jobs.options import add_model_args, flag, load_config_file
 
 __all__ = ["add_rematch_args", "run_rematch"]
 
@@ -56,7 +56,7 @@ def _explicit(args: argparse.Namespace, file_cfg: dict[str, Any]) -> dict[str, A
 
 def _checkpoint_hashes(explicit: dict[str, Any], random_weights: bool) -> dict[str, str | None]:
     """SHA-256 of the checkpoints named on the command line, to compare with the cache's."""
-    from refseg_core.checkpoints import resolve_checkpoint
+    from refseg.core.checkpoints import resolve_checkpoint
 
     if random_weights:
         return {}
@@ -68,10 +68,10 @@ def _checkpoint_hashes(explicit: dict[str, Any], random_weights: bool) -> dict[s
 
 
 def run_rematch(args: argparse.Namespace) -> int:
-    from jobs.cli import scoped_env
-    from pipeline.rematch import RematchJob, check_fits, configs_of, open_cache
-    from pipeline.rematch import run_rematch as run_job
-    from refseg_core.memory_bank import MemoryBank
+    from refseg.core.memory_bank import MemoryBank
+    from refseg.jobs.cli import scoped_env
+    from refseg.pipeline.rematch import RematchJob, check_fits, configs_of, open_cache
+    from refseg.pipeline.rematch import run_rematch as run_job
 
     file_cfg = load_config_file(getattr(args, "config", None))
     endpoint = args.s3_endpoint or file_cfg.get("s3_endpoint")

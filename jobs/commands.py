@@ -12,8 +12,7 @@ import posixpath
 from typing import Any
 
 import fsspec
-
-from refseg_core.coco import load_coco
+from refseg.core.coco import load_coco
 
 __all__ = [
     "add_evaluate_args",
@@ -85,8 +84,8 @@ def _run_category_ids(run_dir: str) -> list[int] | None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from refseg_core.coco import evaluate, format_eval
-    from refseg_core.sampling import resolve_split
+    from refseg.core.coco import evaluate, format_eval
+    from refseg.core.sampling import resolve_split
 
     results_file, run_dir, default_out = resolve_results(args.results)
     try:
@@ -117,7 +116,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         },
         **report,
     }
-    from jobs.cmd_memory import write_bytes
+    from refseg.jobs.cmd_memory import write_bytes
 
     write_bytes(out, (json.dumps(payload, indent=1) + "\n").encode())
     print(f"saved {out}")
@@ -152,7 +151,7 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def _list_checkpoints() -> int:
-    from refseg_core.checkpoints import OFFICIAL, cache_dir
+    from refseg.core.checkpoints import OFFICIAL, cache_dir
 
     root = cache_dir()
     rows = [["name", "family", "arch", "cached", "sha256", "url"]]
@@ -168,7 +167,7 @@ def _list_checkpoints() -> int:
 
 
 def _download(name: str, progress: bool) -> int:
-    from refseg_core.checkpoints import OFFICIAL, cache_dir, download, sha256_file
+    from refseg.core.checkpoints import OFFICIAL, cache_dir, download, sha256_file
 
     was_cached = name in OFFICIAL and (cache_dir() / OFFICIAL[name].filename).is_file()
     path = download(name, progress=progress)
@@ -194,7 +193,7 @@ def add_version_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_version(args: argparse.Namespace) -> int:
-    from pipeline.run_record import package_versions
+    from refseg.pipeline.store.record import package_versions
 
     versions = package_versions()
     width = max(len(k) for k in versions)

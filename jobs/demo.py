@@ -1,8 +1,8 @@
 """``refseg demo``: the whole path on a generated dataset, on this machine, in a few minutes.
 
-1. write a small synthetic dataset (``jobs.sample_data``): targets with COCO ground truth
+1. write a small synthetic dataset (``refseg.jobs.sample_data``): targets with COCO ground truth
    and a pool of reference images with masks;
-2. sample one reference per class (``refseg_core.sampling``);
+2. sample one reference per class (``refseg.core.sampling``);
 3. build the memory bank (DINOv2 prototypes of the shots);
 4. label the targets with the Ray pipeline (a local Ray started on the fly);
 5. evaluate against the ground truth (COCO bbox and segm AP) and write the HTML report.
@@ -26,10 +26,10 @@ import urllib.request
 import warnings
 from pathlib import Path
 
-from refseg_core import checkpoints
-from refseg_core.coco import evaluate, format_eval, load_coco
-from refseg_core.config import MethodConfig, ModelConfig, get_preset
-from refseg_core.sampling import sample_references
+from refseg.core import checkpoints
+from refseg.core.coco import evaluate, format_eval, load_coco
+from refseg.core.config import MethodConfig, ModelConfig, get_preset
+from refseg.core.sampling import sample_references
 
 __all__ = ["DEMO_CHECKPOINTS", "add_demo_args", "choose_models", "run_demo"]
 
@@ -111,8 +111,8 @@ def _prepare_out(out: Path) -> None:
 
 
 def _build_bank(model: ModelConfig, method: MethodConfig, shots: Path, root: Path, dest: Path):
-    from refseg_core.factory import build_encoder
-    from refseg_core.references import build_memory_bank
+    from refseg.core.factory import build_encoder
+    from refseg.core.references import build_memory_bank
 
     encoder = build_encoder(model, method)
     meta = {"demo": True, "random_weights": model.random_weights}
@@ -125,9 +125,8 @@ def _build_bank(model: ModelConfig, method: MethodConfig, shots: Path, root: Pat
 
 def _label(model: ModelConfig, method: MethodConfig, bank: Path, images: Path, gt: Path, out: Path):
     import ray
-
-    from pipeline.job import LabelJob, run_label
-    from pipeline.sources import ImageSource
+    from refseg.pipeline.dataflow.sources import ImageSource
+    from refseg.pipeline.job import LabelJob, run_label
 
     started_here = not ray.is_initialized()
     job = LabelJob(
@@ -149,9 +148,9 @@ def _label(model: ModelConfig, method: MethodConfig, bank: Path, images: Path, g
 def _report(run_dir: Path, gt: Path) -> tuple[str | None, str | None]:
     """(path of report.html, None) or (None, why there is none)."""
     try:
-        from jobs.report import write_report
+        from refseg.jobs.report import write_report
     except ImportError as exc:
-        return None, f"report not written: jobs.report could not be imported ({exc})"
+        return None, f"report not written: refseg.jobs.report could not be imported ({exc})"
     try:
         return str(write_report(str(run_dir), ground_truth=str(gt))), None
     except Exception as exc:
@@ -160,7 +159,7 @@ def _report(run_dir: Path, gt: Path) -> tuple[str | None, str | None]:
 
 def demo(out: Path, *, n_images: int, offline: bool, random_weights: bool, seed: int) -> int:
     """Run the demo into ``out``; print each step and where every artefact is."""
-    from jobs.sample_data import make_sample_data
+    from refseg.jobs.sample_data import make_sample_data
 
     t0 = time.perf_counter()
     out = out.resolve()

@@ -40,14 +40,13 @@ import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
-
-from pipeline.atomic import atomic_text
-from pipeline.outputs import IMAGES_DIR, INSTANCES_DIR, finished_parts
-from pipeline.run_record import read_run_record
-from pipeline.storage import Location, resolve
-from refseg_core import rle as rle_ops
-from refseg_core.coco import write_json_array
-from refseg_core.polygon import mask_polygon
+from refseg.core import rle as rle_ops
+from refseg.core.coco import write_json_array
+from refseg.core.polygon import mask_polygon
+from refseg.pipeline.storage import Location, resolve
+from refseg.pipeline.store.atomic import atomic_text
+from refseg.pipeline.store.layout import IMAGES_DIR, INSTANCES_DIR, finished_parts
+from refseg.pipeline.store.record import read_run_record
 
 __all__ = [
     "FORMATS",

@@ -23,8 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
-from refseg_core import rle as rle_ops
+from refseg.core import rle as rle_ops
 
 __all__ = [
     "LABEL_KEYS",

@@ -13,8 +13,7 @@ import warnings
 from typing import Any
 
 import yaml
-
-from refseg_core.config import MethodConfig, ModelConfig, get_preset
+from refseg.core.config import MethodConfig, ModelConfig, get_preset
 
 __all__ = ["add_model_args", "add_config_arg", "resolve_configs", "load_config_file", "flag"]
 
@@ -123,7 +122,7 @@ def load_config_file(path: str | None) -> dict[str, Any]:
 
 
 def _check_keys(file_cfg: dict[str, Any], args: argparse.Namespace) -> None:
-    from pipeline.settings import PipelineSettings
+    from refseg.pipeline.dataflow.settings import PipelineSettings
 
     known = {"preset"} | set(vars(args))
     for cls in (ModelConfig, MethodConfig, PipelineSettings):

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
-
-from jobs.report_data import (
+from refseg.core import coco
+from refseg.jobs.report_data import (
     _THREADS,
     MAX_INSTANCES_PER_TILE,
     _join,
@@ -32,16 +32,15 @@ from jobs.report_data import (
     sampled_instances,
     summarise_images,
 )
-from jobs.report_render import (
+from refseg.jobs.report_render import (
     TileInput,
     _references,
     build_page,
     render_tile,
 )
-from refseg_core import coco
 
 if TYPE_CHECKING:
-    from jobs.report_compare import RunComparison
+    from refseg.jobs.report_compare import RunComparison
 
 
 def write_report(
@@ -82,7 +81,7 @@ def write_report(
     gt = coco.load_coco(ground_truth) if isinstance(ground_truth, str) else ground_truth
     changes = ""
     if compare is not None:
-        from jobs.report_compare import compare_html, compare_runs
+        from refseg.jobs.report_compare import compare_html, compare_runs
 
         if isinstance(compare, str):
             compare = compare_runs(out, compare, score_threshold)
@@ -152,7 +151,7 @@ def run_report(args: argparse.Namespace) -> int:
     """
     compare = None
     if args.compare:
-        from jobs.report_compare import compare_runs, compare_text
+        from refseg.jobs.report_compare import compare_runs, compare_text
 
         compare = compare_runs(args.run_dir, args.compare, args.score_threshold)
         print(compare_text(compare))

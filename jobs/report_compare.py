@@ -12,8 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-
-from jobs.report_data import (
+from refseg.jobs.report_data import (
     ClassStats,
     _batches,
     _esc,

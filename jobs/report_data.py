@@ -14,8 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-
-from refseg_core import coco
+from refseg.core import coco
 
 THUMB_SIDE = 512  # long side of an overlay, px
 REF_SIDE = 160  # long side of a reference crop, px

@@ -13,8 +13,8 @@ from typing import Any
 import fsspec
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-
-from jobs.report_data import (
+from refseg.core import rle as rle_ops
+from refseg.jobs.report_data import (
     _THREADS,
     FILL_ALPHA,
     MAX_REFS_PER_CLASS,
@@ -27,7 +27,6 @@ from jobs.report_data import (
     _esc,
     class_colour,
 )
-from refseg_core import rle as rle_ops
 
 
 def _font(size: int = 12) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -40,7 +39,7 @@ def _font(size: int = 12) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 def read_image(uri: str) -> np.ndarray:
     """Read and decode ``uri`` (fsspec) to ``(H, W, 3)`` uint8 RGB, EXIF-oriented as the
     pipeline decodes it."""
-    from refseg_core.imaging import decode_image
+    from refseg.core.imaging import decode_image
 
     with fsspec.open(uri, "rb") as f:
         data = f.read()

@@ -40,14 +40,13 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow.fs as pafs
-
-from jobs.cmd_memory import KIND_KEY, write_bytes
-from jobs.export import iter_images, run_categories
-from jobs.label_studio import chosen_annotation, region_label, region_mask
-from pipeline.outputs import IMAGES_DIR, iter_tables
-from pipeline.schema import image_id_from_uri
-from pipeline.storage import Location, resolve
-from refseg_core import rle as rle_ops
+from refseg.core import rle as rle_ops
+from refseg.jobs.cmd_memory import KIND_KEY, write_bytes
+from refseg.jobs.export import iter_images, run_categories
+from refseg.jobs.label_studio import chosen_annotation, region_label, region_mask
+from refseg.pipeline.schema import image_id_from_uri
+from refseg.pipeline.storage import Location, resolve
+from refseg.pipeline.store.layout import IMAGES_DIR, iter_tables
 
 __all__ = ["Corrections", "add_import_review_args", "import_review", "run_import_review"]
 

@@ -25,8 +25,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-from refseg_core import rle as rle_ops
+from refseg.core import rle as rle_ops
 
 __all__ = ["CLASSES", "SampleData", "make_sample_data", "render_shape"]
 

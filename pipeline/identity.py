@@ -26,8 +26,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 
 import numpy as np
-
-from pipeline.schema import image_id_from_uri
+from refseg.pipeline.schema import image_id_from_uri
 
 __all__ = [
     "Listing",

@@ -10,28 +10,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-
-from pipeline import outputs
-from pipeline.graph import build_graph
-from pipeline.lock import hold_out
-from pipeline.progress import ProgressOptions, ProgressReporter, reporting
-from pipeline.proposal_cache import cache_record
-from pipeline.redo import begin_run, settle
-from pipeline.run_record import package_versions, start_record, write_run_record
-from pipeline.run_steps import (
+from refseg.core.checkpoints import resolve_checkpoint
+from refseg.core.coco import load_coco
+from refseg.core.config import MethodConfig, ModelConfig
+from refseg.core.memory_bank import MemoryBank
+from refseg.pipeline.dataflow.graph import build_graph
+from refseg.pipeline.dataflow.proposal_cache import cache_record
+from refseg.pipeline.dataflow.settings import PipelineSettings
+from refseg.pipeline.dataflow.sources import ImageSource, NothingToDo, list_targets, read_source
+from refseg.pipeline.run_steps import (
     check_reachable,
     complete_record,
     config_fingerprint,
     drain,
     new_counts,
 )
-from pipeline.settings import PipelineSettings
-from pipeline.sources import ImageSource, NothingToDo, read_source
-from pipeline.storage import Location, resolve
-from refseg_core.checkpoints import resolve_checkpoint
-from refseg_core.coco import load_coco
-from refseg_core.config import MethodConfig, ModelConfig
-from refseg_core.memory_bank import MemoryBank
+from refseg.pipeline.storage import Location, resolve
+from refseg.pipeline.store import layout
+from refseg.pipeline.store.lock import hold_out
+from refseg.pipeline.store.progress import ProgressOptions, ProgressReporter, reporting
+from refseg.pipeline.store.record import package_versions, start_record, write_run_record
+from refseg.pipeline.store.redo import begin_run, settle
 
 __all__ = ["LabelJob", "LabelSummary", "run_label", "ensure_ray"]
 
@@ -51,7 +50,7 @@ class LabelJob:
     retry_errors: bool = False  # run the images of earlier error rows again
     take_over_lock: bool = False  # take over an S3 lease another run holds (lock.py)
     progress: ProgressOptions = field(default_factory=ProgressOptions)
-    # write OUT/proposals/ for `refseg rematch` (pipeline.proposal_cache)
+    # write OUT/proposals/ for `refseg rematch` (refseg.pipeline.dataflow.proposal_cache)
     cache_proposals: bool = False
     # SHA-256 of the checkpoints the models load, as resolved before the run (official
     # defaults included); None: only the explicitly given checkpoints are hashed
@@ -160,7 +159,8 @@ def run_label(job: LabelJob) -> LabelSummary:
 
     The run holds OUT (pipeline/lock.py) from before its first change to OUT to its last;
     a second run on the same OUT is refused with an ``OutLockedError``. Progress goes to
-    stderr and to OUT/progress.json (see :mod:`pipeline.progress`), from when OUT is held.
+    stderr and to OUT/progress.json (see :mod:`refseg.pipeline.store.progress`), from when
+    OUT is held.
     """
     with reporting(job.progress) as progress:
         return _run_label(job, progress)
@@ -193,9 +193,9 @@ def _run_holding_out(
     _check_cache_resume(out, job.cache_proposals)
     # fingerprint and run.json before any change; clean-up, targets and what runs again
     plan = begin_run(
-        job.source,
         out,
         start_record(fingerprint, _start_fields(job, bank_sha)),
+        lambda: list_targets(job.source, out=out),
         retry_errors=job.retry_errors,
     )
     done = plan.done
@@ -277,7 +277,7 @@ def _run_holding_out(
 
 def _check_cache_resume(out: Location, cache_proposals: bool) -> None:
     """Refuse to resume a run with the proposal cache switched on or off half-way."""
-    finished, cached = outputs.finished_parts(out), outputs.cached_parts(out)
+    finished, cached = layout.finished_parts(out), layout.cached_parts(out)
     if cache_proposals and len(cached) < len(finished):
         raise ValueError(
             f"{out.uri} holds {len(finished) - len(cached)} finished parts labelled without "

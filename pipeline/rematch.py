@@ -24,38 +24,38 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 from ray.data import ActorPoolStrategy
-
-from pipeline import outputs
-from pipeline.job import LabelSummary, ensure_ray
-from pipeline.lock import hold_out
-from pipeline.progress import ProgressOptions, ProgressReporter, reporting
-from pipeline.proposal_cache import (
+from refseg.core.config import MethodConfig, ModelConfig
+from refseg.core.memory_bank import MemoryBank
+from refseg.pipeline.dataflow.proposal_cache import (
     CACHE_FORMAT,
     PROPOSALS_DIR,
     read_cache_parts,
     shaping_method,
     shaping_model,
 )
-from pipeline.redo import settle
-from pipeline.run_record import (
-    check_fingerprint,
-    read_run_record,
-    start_record,
-    write_run_record,
-)
-from pipeline.run_steps import (
+from refseg.pipeline.dataflow.settings import PipelineSettings, Resources
+from refseg.pipeline.dataflow.stages import RematchStage
+from refseg.pipeline.dataflow.writer import write_parts
+from refseg.pipeline.job import LabelSummary, ensure_ray
+from refseg.pipeline.run_steps import (
     check_reachable,
     complete_record,
     config_fingerprint,
     drain,
     new_counts,
 )
-from pipeline.schema import Col
-from pipeline.settings import PipelineSettings, Resources
-from pipeline.stages import RematchStage
-from pipeline.storage import Location, resolve
-from refseg_core.config import MethodConfig, ModelConfig
-from refseg_core.memory_bank import MemoryBank
+from refseg.pipeline.schema import Col
+from refseg.pipeline.storage import Location, resolve
+from refseg.pipeline.store import layout
+from refseg.pipeline.store.lock import hold_out
+from refseg.pipeline.store.progress import ProgressOptions, ProgressReporter, reporting
+from refseg.pipeline.store.record import (
+    check_fingerprint,
+    read_run_record,
+    start_record,
+    write_run_record,
+)
+from refseg.pipeline.store.redo import settle
 
 __all__ = [
     "ProposalCache",
@@ -114,7 +114,7 @@ def open_cache(run: str, *, s3_endpoint: str | None = None) -> ProposalCache:
         raise ValueError(f"{loc.uri}: run.json's proposal_cache is not a {CACHE_FORMAT}")
     where = info.get("location")
     cache_loc = resolve(where, s3_endpoint=s3_endpoint) if where else loc
-    finished, cached = outputs.finished_parts(cache_loc), outputs.cached_parts(cache_loc)
+    finished, cached = layout.finished_parts(cache_loc), layout.cached_parts(cache_loc)
     if not cached or len(cached) < len(finished):
         raise ValueError(
             f"the proposal cache {cache_loc.child(PROPOSALS_DIR).uri} covers {len(cached)} of "
@@ -264,15 +264,15 @@ def _run_rematch(job: RematchJob, progress: ProgressReporter) -> LabelSummary:
         bank_bytes = bank.to_bytes()
         bank_sha = hashlib.sha256(bank_bytes).hexdigest()
         fingerprint = config_fingerprint(job, bank_sha)  # type: ignore[arg-type]
-        recorded = check_fingerprint(out, fingerprint, has_parts=outputs.has_parts(out))
+        recorded = check_fingerprint(out, fingerprint, has_parts=layout.has_parts(out))
         if recorded != fingerprint:  # before the first part, as refseg label does
             start = {"preset": job.preset, "rematch": {"run": job.cache.run.uri}}
             write_run_record(out, start_record(fingerprint, start))
-        outputs.remove_temporaries(out)
-        removed = outputs.remove_orphans(out)
+        layout.remove_temporaries(out)
+        removed = layout.remove_orphans(out)
         if removed:
             log.warning("removed %d parts of interrupted batches; their images run again", removed)
-        done = outputs.done_image_ids(out)
+        done = layout.done_image_ids(out)
         progress.set_already_done(len(done))
         items, todo = _plan(job.cache, done)
         cached = job.cache.record.get("counts", {}).get("total", {}).get("images")
@@ -331,7 +331,7 @@ def _graph(
         num_cpus=res.cpus_per_actor,
     )
     return ds.map_batches(
-        outputs.write_parts, fn_kwargs={"out": out}, batch_size=s.write_batch_size,
+        write_parts, fn_kwargs={"out": out}, batch_size=s.write_batch_size,
         num_cpus=s.write_cpus,
     )  # fmt: skip
 

@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 import ray.data
-
-from pipeline import outputs
-from pipeline.progress import ProgressReporter
-from pipeline.run_record import package_versions
-from pipeline.schema import Col
-from pipeline.storage import Location
-from refseg_core.memory_bank import MemoryBank
+from refseg.core.memory_bank import MemoryBank
+from refseg.pipeline.schema import Col
+from refseg.pipeline.storage import Location
+from refseg.pipeline.store import layout
+from refseg.pipeline.store.coco_files import write_coco
+from refseg.pipeline.store.progress import ProgressReporter
+from refseg.pipeline.store.record import package_versions
 
 __all__ = [
     "check_reachable",
@@ -127,7 +127,7 @@ def totals(out: Location) -> dict[str, Any]:
     cols = [Col.STATUS, Col.N_INSTANCES, Col.T_DECODE, Col.T_PROPOSE, Col.T_MATCH, Col.T_ENCODE]
     tot: dict[str, Any] = {"images": 0, "ok": 0, "errors": 0, "instances": 0}
     stages = dict.fromkeys(("decode", "propose", "match", "encode"), 0.0)
-    for t in outputs.iter_tables(out, outputs.IMAGES_DIR, cols):
+    for t in layout.iter_tables(out, layout.IMAGES_DIR, cols):
         status = np.asarray(t.column(Col.STATUS).to_pylist())
         tot["images"] += t.num_rows
         tot["ok"] += int(np.sum(status == "ok"))
@@ -158,7 +158,7 @@ def complete_record(
     """
     categories = [{"id": c, "name": bank.names[c]} for c in bank.category_ids]
     try:
-        coco_stats = outputs.write_coco(out, categories)
+        coco_stats = write_coco(out, categories)
     except OSError as exc:
         said = " ".join(str(exc).split())
         raise OSError(

@@ -7,8 +7,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-
-from refseg_core.instances import INSTANCES_SCHEMA
+from refseg.core.instances import INSTANCES_SCHEMA
 
 __all__ = ["Col", "IMAGES_SCHEMA", "INSTANCES_SCHEMA", "image_id_from_uri"]
 
@@ -27,7 +26,9 @@ class Col:
     STATUS = "status"
     ERROR = "error"
     PROPOSALS = "proposals"  # Proposals.to_bytes()
-    POOLED = "pooled"  # float32 (n_pooled, feature_dim) bytes (pipeline.proposal_cache)
+    POOLED = (
+        "pooled"  # float32 (n_pooled, feature_dim) bytes (refseg.pipeline.dataflow.proposal_cache)
+    )
     INSTANCES = "instances"  # Arrow IPC stream of INSTANCES_SCHEMA rows of one image
     N_INSTANCES = "n_instances"
     SECONDS = "seconds"

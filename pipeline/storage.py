@@ -98,7 +98,7 @@ def put_atomic(loc: Location, data: bytes) -> None:
     Local: written to a hidden ``.NAME.tmp-<random>`` beside it (two writers of one part,
     e.g. a retried task and a late original, never share it), then renamed over it. Object
     stores (s3://, gs://) publish an object only when its upload completes: one whole-object
-    put. (The JSON outputs use ``pipeline.atomic``, which also spools large files and
+    put. (The JSON outputs use ``refseg.pipeline.store.atomic``, which also spools large files and
     fsyncs; parts and progress.json are small and written often.)
     """
     if isinstance(loc.fs, pafs.LocalFileSystem):

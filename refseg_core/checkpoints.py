@@ -13,7 +13,7 @@ Meta publishes no checksums for SAM 2 or DINOv2 files, so ``OfficialCheckpoint.s
 file (``FILENAME.sha256``) and later resolutions of that official name check against it.
 Every resolution returns the SHA-256 of the file it resolved, for the run's records.
 
-Nothing here loads weights: that is ``refseg_core.models``' job.
+Nothing here loads weights: that is ``refseg.core.models``' job.
 """
 
 from __future__ import annotations

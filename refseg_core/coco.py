@@ -20,8 +20,7 @@ from typing import IO, Any
 
 import fsspec
 import numpy as np
-
-from refseg_core import rle as rle_ops
+from refseg.core import rle as rle_ops
 
 __all__ = [
     "STAT_NAMES",

@@ -69,7 +69,7 @@ class MethodConfig:
     negative_margin: float = 0.0
     # speed options (off by default: the paper runs float32 and merges at full resolution)
     # "fast": SAM2's mask decoder with each image's shared work done once
-    # (refseg_core.decoder; equal outputs up to float rounding); "stock": SAM2's own call
+    # (refseg.core.decoder; equal outputs up to float rounding); "stock": SAM2's own call
     decoder: Decoder = "fast"
     autocast_bf16: bool = False
     # "lowres": soft merging on the 256x256 proposal masks, then only the kept top-k are

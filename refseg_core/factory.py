@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-
-from refseg_core.config import MethodConfig, ModelConfig
-from refseg_core.features import DinoEncoder
-from refseg_core.models import build_dinov2, build_sam2
-from refseg_core.proposals import Sam2Proposer
+from refseg.core.config import MethodConfig, ModelConfig
+from refseg.core.features import DinoEncoder
+from refseg.core.models import build_dinov2, build_sam2
+from refseg.core.proposals import Sam2Proposer
 
 __all__ = ["resolve_device", "build_proposer", "build_encoder", "compile_sam2", "compile_dinov2"]
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-
-from refseg_core.models import LoadedModel, dinov2_mean_std, dinov2_patch_tokens
+from refseg.core.models import LoadedModel, dinov2_mean_std, dinov2_patch_tokens
 
 __all__ = ["DinoEncoder"]
 
@@ -13,7 +12,7 @@ class DinoEncoder:
     """Patch features of the last block after the final norm (method.md §1.4).
 
     Args:
-        loaded: a DINOv2 model from ``refseg_core.models.build_dinov2``.
+        loaded: a DINOv2 model from ``refseg.core.models.build_dinov2``.
         image_size: the square input side (518 in the paper; a multiple of 14).
         autocast_bf16: run the backbone under bf16 autocast.
     """

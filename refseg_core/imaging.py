@@ -1,7 +1,7 @@
 """Image decoding and the geometric helpers of the method (resize, context crop).
 
 This module does not import torch, so CPU decode tasks start fast; the tensor side
-(upsampling, float conversion) is in :mod:`refseg_core.tensors`.
+(upsampling, float conversion) is in :mod:`refseg.core.tensors`.
 
 Conventions used throughout:
 
@@ -28,10 +28,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
+from refseg.core.config import ResizeMode
 
-from refseg_core.config import ResizeMode
-
-if TYPE_CHECKING:  # torch is imported only where tensors are made (refseg_core.tensors)
+if TYPE_CHECKING:  # torch is imported only where tensors are made (refseg.core.tensors)
     import torch
 
 __all__ = [

@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-
-from refseg_core import rle as rle_ops
+from refseg.core import rle as rle_ops
 
 __all__ = ["INSTANCES_SCHEMA", "Instances"]
 

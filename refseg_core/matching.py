@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from refseg_core import ops
-from refseg_core.config import MethodConfig
-from refseg_core.features import DinoEncoder
-from refseg_core.imaging import ResizeInfo
-from refseg_core.instances import Instances
-from refseg_core.memory_bank import MemoryBank
-from refseg_core.proposals import Proposals
-from refseg_core.tensors import crop_valid, lowres_to_original
+from refseg.core import ops
+from refseg.core.config import MethodConfig
+from refseg.core.features import DinoEncoder
+from refseg.core.imaging import ResizeInfo
+from refseg.core.instances import Instances
+from refseg.core.memory_bank import MemoryBank
+from refseg.core.proposals import Proposals
+from refseg.core.tensors import crop_valid, lowres_to_original
 
 __all__ = ["Matcher", "PooledMatcher"]
 

@@ -23,13 +23,12 @@ import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
+from refseg.core import ops
+from refseg.core.features import DinoEncoder
+from refseg.core.imaging import context_crop_box
+from refseg.core.tensors import to_float_tensor
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-
-from refseg_core import ops
-from refseg_core.features import DinoEncoder
-from refseg_core.imaging import context_crop_box
-from refseg_core.tensors import to_float_tensor
 
 __all__ = ["MemoryBank", "ShotRecord", "TinyMaskError", "encode_shot"]
 

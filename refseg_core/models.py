@@ -4,7 +4,7 @@
 * :func:`build_dinov2` builds DINOv2 ViT-S/B/L/g 14 (optionally with 4 registers) as timm
   models and loads Meta's release files into them.
 
-Checkpoints are resolved by :func:`refseg_core.checkpoints.resolve_checkpoint` (local path,
+Checkpoints are resolved by :func:`refseg.core.checkpoints.resolve_checkpoint` (local path,
 fsspec URI or official name), loaded with ``torch.load(..., weights_only=True)`` and applied
 strictly: a missing or unexpected key is an error. Every :class:`LoadedModel` carries the
 SHA-256 of the file it was loaded from, for the run's records.
@@ -21,8 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from refseg_core.checkpoints import (
+from refseg.core.checkpoints import (
     ResolvedCheckpoint,
     cache_dir,
     default_checkpoint_for,

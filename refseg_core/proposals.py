@@ -1,10 +1,10 @@
 """Class-agnostic mask proposals from SAM2 with a point-grid prompt (method.md §3).
 
-``Sam2Proposer`` receives a built SAM2 model (``refseg_core.models.build_sam2``) and calls
+``Sam2Proposer`` receives a built SAM2 model (``refseg.core.models.build_sam2``) and calls
 the model's own image encoder, prompt encoder and mask decoder, as the paper's code does,
 so that it works at any image size the model was built for. The mask decoder runs either
 as SAM2's own call (``decoder="stock"``, the paper's path) or, by default, through
-:class:`refseg_core.decoder.SharedImageDecoder`, which does each image's prompt-independent
+:class:`refseg.core.decoder.SharedImageDecoder`, which does each image's prompt-independent
 work once and gives the same masks and IoUs up to float rounding.
 """
 
@@ -17,10 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from refseg_core import ops
-from refseg_core.config import MethodConfig
-from refseg_core.decoder import ImageState, SharedImageDecoder
+from refseg.core import ops
+from refseg.core.config import MethodConfig
+from refseg.core.decoder import ImageState, SharedImageDecoder
 
 #: SAM2's input normalisation (ImageNet mean and std, as ``sam2.utils.transforms``'s
 #: ``SAM2Transforms`` sets them). Copied as numbers because importing that module pulls in
@@ -113,7 +112,7 @@ class Proposals:
 
         Masks are stored as bit-packed signs plus the float32 logits of pixels near a sign
         change only; interior pixels decode as ±1e4. Resampling to the original size
-        (``refseg_core.tensors.lowres_to_original``) thresholded at 0 is then unchanged:
+        (``refseg.core.tensors.lowres_to_original``) thresholded at 0 is then unchanged:
         every output pixel is a positive-weighted mean of low-res pixels, so its sign is
         decided by them alone wherever they share one sign, and every window that mixes
         signs is kept exactly. A window is 2 x 2 pixels when enlarging (the "boundary": a
@@ -305,7 +304,7 @@ class Sam2Proposer:
         """Proposals for a batch of resized images.
 
         Args:
-            images: (B, 3, S, S) float in [0, 1] (see ``refseg_core.imaging``).
+            images: (B, 3, S, S) float in [0, 1] (see ``refseg.core.imaging``).
             valid_hw: per image, the (h, w) of the image inside the square.
             orig_hw: per image, the original (H, W).
         """

@@ -9,12 +9,11 @@ from typing import Any
 
 import fsspec
 import numpy as np
-
-from refseg_core import rle as rle_ops
-from refseg_core.coco import ReferenceShot, category_names, load_references
-from refseg_core.features import DinoEncoder
-from refseg_core.imaging import decode_image
-from refseg_core.memory_bank import MemoryBank, ShotRecord, TinyMaskError, encode_shot
+from refseg.core import rle as rle_ops
+from refseg.core.coco import ReferenceShot, category_names, load_references
+from refseg.core.features import DinoEncoder
+from refseg.core.imaging import decode_image
+from refseg.core.memory_bank import MemoryBank, ShotRecord, TinyMaskError, encode_shot
 
 __all__ = ["image_uri", "read_image", "reference_mask", "build_memory_bank"]
 

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from refseg_core.coco import categories_by_id, images_by_id
+from refseg.core.coco import categories_by_id, images_by_id
 
 __all__ = [
     "COCO_CATEGORY_IDS",

@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-
-from refseg_core.imaging import PreparedTarget, prepare_target
-from refseg_core.instances import Instances
-from refseg_core.matching import Matcher
-from refseg_core.proposals import Sam2Proposer
-from refseg_core.tensors import stack_targets
+from refseg.core.imaging import PreparedTarget, prepare_target
+from refseg.core.instances import Instances
+from refseg.core.matching import Matcher
+from refseg.core.proposals import Sam2Proposer
+from refseg.core.tensors import stack_targets
 
 __all__ = ["Segmenter"]
 

@@ -1,6 +1,6 @@
 """Tensor helpers of the method: image to float tensor, low-res maps back to the image.
 
-Kept apart from :mod:`refseg_core.imaging` so that decoding never imports torch.
+Kept apart from :mod:`refseg.core.imaging` so that decoding never imports torch.
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from refseg_core.imaging import PreparedTarget, ResizeInfo
+from refseg.core.imaging import PreparedTarget, ResizeInfo
 
 __all__ = ["crop_valid", "lowres_to_original", "stack_targets", "to_float_tensor"]
 

@@ -84,9 +84,9 @@ def ray_local(s3_endpoint):
 @pytest.fixture(scope="session")
 def tiny_setup(tmp_path_factory):
     """The tiny preset with random weights, and a 2-class bank built from one image."""
-    from refseg_core.config import get_preset, replace
-    from refseg_core.factory import build_encoder
-    from refseg_core.memory_bank import MemoryBank, ShotRecord, encode_shot
+    from refseg.core.config import get_preset, replace
+    from refseg.core.factory import build_encoder
+    from refseg.core.memory_bank import MemoryBank, ShotRecord, encode_shot
 
     preset = get_preset("tiny")
     model = replace(preset.model, random_weights=True)

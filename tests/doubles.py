@@ -27,10 +27,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from refseg.core.features import DinoEncoder
+from refseg.core.models import LoadedModel
 from torch import nn
-
-from refseg_core.features import DinoEncoder
-from refseg_core.models import LoadedModel
 
 __all__ = [
     "IMAGENET_MEAN",

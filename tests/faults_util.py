@@ -35,11 +35,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
-
-from pipeline.job import LabelJob
-from pipeline.settings import PipelineSettings
-from pipeline.sources import ImageSource
-from pipeline.storage import resolve
+from refseg.pipeline.dataflow.settings import PipelineSettings
+from refseg.pipeline.dataflow.sources import ImageSource
+from refseg.pipeline.job import LabelJob
+from refseg.pipeline.storage import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 # batches of one or two images: a kill lands mid-job and little work is in flight
@@ -268,7 +267,7 @@ _PROBE = textwrap.dedent(
 
     class _Finder(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
-            if name != "pipeline.stages":
+            if name != "refseg.pipeline.dataflow.stages":
                 return None
             sys.meta_path.remove(self)
             spec = importlib.machinery.PathFinder.find_spec(name, path)
@@ -319,10 +318,10 @@ DRIVER = textwrap.dedent(
     """
     import sys, warnings
     warnings.simplefilter("ignore")
-    from refseg_core.config import get_preset, replace
-    from pipeline.job import LabelJob, run_label
-    from pipeline.settings import PipelineSettings
-    from pipeline.sources import ImageSource
+    from refseg.core.config import get_preset, replace
+    from refseg.pipeline.job import LabelJob, run_label
+    from refseg.pipeline.dataflow.settings import PipelineSettings
+    from refseg.pipeline.dataflow.sources import ImageSource
     p = get_preset("tiny")
     s = run_label(LabelJob(sys.argv[1], ImageSource(sys.argv[2]), sys.argv[3],
                   replace(p.model, random_weights=True), p.method,

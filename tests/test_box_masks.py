@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from refseg.core import rle as rle_ops
+from refseg.core.config import MethodConfig
+from refseg.core.proposals import Sam2Proposer
+from refseg.jobs import box_masks
+from refseg.jobs.cli import main
 
-from jobs import box_masks
-from jobs.cli import main
-from refseg_core import rle as rle_ops
-from refseg_core.config import MethodConfig
-from refseg_core.proposals import Sam2Proposer
 from tests.doubles import ShapeSam
 
 H, W = 90, 140

@@ -1,4 +1,4 @@
-"""The `refseg` command line, end to end through ``jobs.cli.main(argv)``.
+"""The `refseg` command line, end to end through ``refseg.jobs.cli.main(argv)``.
 
 CPU only: the tiny preset with random weights, small generated images and COCO files. The
 labelling tests share one module-scoped run (one local Ray with 2 CPUs).
@@ -21,9 +21,8 @@ import torch
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-
-from jobs.cli import COMMANDS, Command, build_parser, main
-from refseg_core.memory_bank import MemoryBank
+from refseg.core.memory_bank import MemoryBank
+from refseg.jobs.cli import COMMANDS, Command, build_parser, main
 
 W, H = 160, 128
 BOX, TRI = 3, 7  # category ids; not list positions
@@ -305,9 +304,9 @@ def test_label_errors_name_the_missing_file(tmp_path, extra, expected, traceback
 
 
 def test_pipeline_settings_precedence(tmp_path):
-    from jobs.cmd_label import PIPELINE_FLAGS, pipeline_settings
-    from jobs.options import load_config_file
-    from pipeline.settings import PipelineSettings
+    from refseg.jobs.cmd_label import PIPELINE_FLAGS, pipeline_settings
+    from refseg.jobs.options import load_config_file
+    from refseg.pipeline.dataflow.settings import PipelineSettings
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("pipeline:\n  write_batch_size: 7\n  decode-batch-size: 3\nnum_cpus: 5\n")
@@ -322,7 +321,7 @@ def test_pipeline_settings_precedence(tmp_path):
 
 
 def test_cpu_resources_threads_per_pool():
-    from pipeline.settings import PipelineSettings
+    from refseg.pipeline.dataflow.settings import PipelineSettings
 
     r = PipelineSettings().resolve(cluster_gpus=0, cluster_cpus=2)
     assert (r.device, r.torch_threads, r.match_torch_threads) == ("cpu", 2, 2)
@@ -428,7 +427,7 @@ def test_core_subcommands_are_registered():
 
 
 def test_absent_command_module_is_left_out():
-    ghost = Command("ghost", "jobs._no_such_module", "add", "run", "not written yet")
+    ghost = Command("ghost", "refseg.jobs._no_such_module", "add", "run", "not written yet")
     parser = build_parser([ghost, *COMMANDS])
     sub = next(a for a in parser._actions if a.dest == "command")
     assert "ghost" not in sub.choices and "label" in sub.choices

@@ -1,4 +1,4 @@
-"""Tests of refseg_core.coco: COCO I/O, reference loading, streaming results, evaluation."""
+"""Tests of refseg.core.coco: COCO I/O, reference loading, streaming results, evaluation."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
-
-from refseg_core import coco, rle
+from refseg.core import coco, rle
 
 H, W = 64, 80
 # Non-contiguous ids on purpose; 5 has no ground truth at all.

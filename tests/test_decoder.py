@@ -14,11 +14,10 @@ import warnings
 
 import pytest
 import torch
-
-from refseg_core.config import MethodConfig
-from refseg_core.decoder import SharedImageDecoder
-from refseg_core.models import SAM2_CONFIGS, sam2_config_name
-from refseg_core.proposals import Sam2Proposer
+from refseg.core.config import MethodConfig
+from refseg.core.decoder import SharedImageDecoder
+from refseg.core.models import SAM2_CONFIGS, sam2_config_name
+from refseg.core.proposals import Sam2Proposer
 
 SIZE = 256  # 16 x 16 embedding, 64 x 64 masks
 TIE = 1e-5  # predicted IoUs closer than this may order either way
@@ -195,7 +194,7 @@ def test_bf16_decoder_is_a_bf16_copy_close_to_float32():
 
 
 def test_automatic_prompt_batch():
-    from refseg_core.proposals import CPU_PROMPT_BATCH, STOCK_PROMPT_BATCH, auto_prompt_batch
+    from refseg.core.proposals import CPU_PROMPT_BATCH, STOCK_PROMPT_BATCH, auto_prompt_batch
 
     cpu = torch.device("cpu")
     assert auto_prompt_batch("stock", cpu, (64, 64)) == STOCK_PROMPT_BATCH == 256

@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from jobs import demo
-from jobs.cli import main
-from jobs.sample_data import CLASSES, make_sample_data
-from refseg_core import rle as rle_ops
-from refseg_core.coco import STAT_NAMES, load_coco
-from refseg_core.sampling import passes_rules
+from refseg.core import rle as rle_ops
+from refseg.core.coco import STAT_NAMES, load_coco
+from refseg.core.sampling import passes_rules
+from refseg.jobs import demo
+from refseg.jobs.cli import main
+from refseg.jobs.sample_data import CLASSES, make_sample_data
 
 
 @pytest.fixture

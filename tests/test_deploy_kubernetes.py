@@ -24,8 +24,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-
-from jobs.cli import build_parser
+from refseg.jobs.cli import build_parser
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
 VERSIONS = ("1.27", "1.37")  # CronJob.spec.timeZone is GA from 1.27

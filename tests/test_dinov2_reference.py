@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from refseg_core.models import build_dinov2, dinov2_patch_tokens
+from refseg.core.models import build_dinov2, dinov2_patch_tokens
 
 try:  # Meta's reference code is a test-only dependency: missing, the suite fails loudly
     import dinov2.models.vision_transformer as vit_ref
@@ -138,9 +137,8 @@ def test_pos_embed_resampling_for_registers_matches_timm(release):
 def test_release_keys_and_shapes_fit_the_larger_models(name, factory, kwargs):
     """Key by key, shape by shape, on the meta device (no memory, no weights)."""
     import timm
+    from refseg.core.models import _dinov2_timm_name
     from timm.models.vision_transformer import checkpoint_filter_fn
-
-    from refseg_core.models import _dinov2_timm_name
 
     with torch.device("meta"):
         ref = getattr(vit_ref, factory)(

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from pycocotools import mask as mask_utils
+from refseg.core import coco, rle
+from refseg.jobs.cli import main
 
-from jobs.cli import main
-from refseg_core import coco, rle
 from tests.test_coco import OBJECTS, H, W, _gt, _results
 
 

@@ -10,12 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
-from jobs import export
-from jobs.cli import main
-from pipeline.schema import IMAGES_SCHEMA
-from refseg_core import rle as rle_ops
-from refseg_core.instances import INSTANCES_SCHEMA
+from refseg.core import rle as rle_ops
+from refseg.core.instances import INSTANCES_SCHEMA
+from refseg.jobs import export
+from refseg.jobs.cli import main
+from refseg.pipeline.schema import IMAGES_SCHEMA
 
 H, W = 50, 100
 NAMES = {3: "cat", 7: "dog", 9: "bird"}  # bird: in the bank (run.json), never found

@@ -19,8 +19,8 @@ import threading
 import time
 
 import pytest
+from refseg.pipeline.job import run_label
 
-from pipeline.job import run_label
 from tests.faults_util import (
     image_ids,
     make_job,

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from refseg.core.instances import Instances
+from refseg.jobs.export import export_run
+from refseg.jobs.report import write_report
+from refseg.pipeline.dataflow.settings import PipelineSettings
+from refseg.pipeline.job import run_label
+from refseg.pipeline.schema import image_id_from_uri
 
-from jobs.export import export_run
-from jobs.report import write_report
-from pipeline.job import run_label
-from pipeline.schema import image_id_from_uri
-from pipeline.settings import PipelineSettings
-from refseg_core.instances import Instances
 from tests.faults_util import bad_image_cases, make_job, read_parts, write_jpegs
 
 pytestmark = pytest.mark.usefixtures("ray_local")

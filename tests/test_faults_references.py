@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from refseg.core.memory_bank import MemoryBank
+from refseg.core.references import build_memory_bank
+from refseg.pipeline.job import _warn_categories, run_label
 
-from pipeline.job import _warn_categories, run_label
-from refseg_core.memory_bank import MemoryBank
-from refseg_core.references import build_memory_bank
 from tests.doubles import colour_dino_encoder
 from tests.faults_util import make_job
 
@@ -130,7 +130,7 @@ def test_a_bad_shot_is_skipped_with_a_warning_or_refused_clearly(bad, caplog):
             _build(refs)
         assert bad.error in str(info.value), str(info.value)
         return
-    with caplog.at_level(logging.WARNING, logger="refseg_core.references"):
+    with caplog.at_level(logging.WARNING, logger="refseg.core.references"):
         bank = _build(refs)
     assert bank.category_ids == [3, 5] and len(bank) == 2  # the good shots only
     assert [r.annotation_id for r in bank.records[5]] == [8]
@@ -168,7 +168,7 @@ def _targets(tmp_path, categories: list[dict[str, Any]]) -> str:
 def test_target_categories_unknown_to_the_bank_are_named_in_a_warning(tiny_setup, tmp_path, caplog):
     targets = _targets(tmp_path, [{"id": 3, "name": "car"}, {"id": 99, "name": "zebra"}])
     job = make_job(tiny_setup, tmp_path, tmp_path / "out", targets=targets)
-    with caplog.at_level(logging.WARNING, logger="pipeline.job"):
+    with caplog.at_level(logging.WARNING, logger="refseg.pipeline.job"):
         _warn_categories(job, MemoryBank.load(tiny_setup["bank"]))
     (message,) = [r.getMessage() for r in caplog.records]
     assert "cannot be labelled" in message and "99: 'zebra'" in message, message

@@ -20,11 +20,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
-from refseg_core.checkpoints import sha256_file
+from refseg.core.checkpoints import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("refseg_core", "pipeline", "jobs")
+PACKAGES = ("refseg", "refseg_core", "pipeline", "jobs")
 
 
 class _Payload:
@@ -58,7 +57,7 @@ def _torch_file(path: Path, marker: Path) -> Path:
 
 
 def test_a_pickled_memory_bank_is_refused(tmp_path, marker):
-    from refseg_core.memory_bank import MemoryBank
+    from refseg.core.memory_bank import MemoryBank
 
     bank = _pickle_file(tmp_path / "bank.safetensors", marker)
     with pytest.raises(ValueError, match="is not a refseg memory bank"):
@@ -66,7 +65,7 @@ def test_a_pickled_memory_bank_is_refused(tmp_path, marker):
 
 
 def test_a_pickled_checkpoint_is_refused_by_weights_only_loading(tmp_path, marker):
-    from refseg_core.models import build_dinov2
+    from refseg.core.models import build_dinov2
 
     ckpt = _torch_file(tmp_path / "dinov2.pth", marker)
     with pytest.raises(pickle.UnpicklingError, match=r"[Ww]eights only load failed"):
@@ -74,7 +73,7 @@ def test_a_pickled_checkpoint_is_refused_by_weights_only_loading(tmp_path, marke
 
 
 def test_a_checkpoint_is_checked_against_its_sha256_before_it_is_read(tmp_path, marker):
-    from refseg_core.models import build_dinov2, build_sam2
+    from refseg.core.models import build_dinov2, build_sam2
 
     ckpt = _torch_file(tmp_path / "model.pt", marker)
     wrong = "0" * 64
@@ -87,7 +86,7 @@ def test_a_checkpoint_is_checked_against_its_sha256_before_it_is_read(tmp_path, 
 
 
 def test_a_yaml_config_cannot_construct_python_objects(tmp_path, marker):
-    from jobs.options import load_config_file
+    from refseg.jobs.options import load_config_file
 
     cfg = tmp_path / "config.yaml"
     cfg.write_text(f"preset: tiny\nevil: !!python/object/apply:builtins.open ['{marker}', 'w']\n")
@@ -96,7 +95,7 @@ def test_a_yaml_config_cannot_construct_python_objects(tmp_path, marker):
 
 
 def test_yaml_class_thresholds_cannot_construct_python_objects(tmp_path, marker):
-    from jobs.export import parse_class_thresholds
+    from refseg.jobs.export import parse_class_thresholds
 
     spec = tmp_path / "thresholds.yaml"
     spec.write_text(f"car: !!python/object/apply:builtins.open ['{marker}', 'w']\n")
@@ -105,7 +104,7 @@ def test_yaml_class_thresholds_cannot_construct_python_objects(tmp_path, marker)
 
 
 def test_pickled_references_are_not_json(tmp_path, marker):
-    from refseg_core.coco import load_coco
+    from refseg.core.coco import load_coco
 
     refs = _pickle_file(tmp_path / "refs.json", marker)
     with pytest.raises(ValueError):
@@ -113,7 +112,7 @@ def test_pickled_references_are_not_json(tmp_path, marker):
 
 
 def test_proposals_in_transit_refuse_pickled_arrays(marker):
-    from refseg_core.proposals import Proposals
+    from refseg.core.proposals import Proposals
 
     buf = io.BytesIO()
     np.savez(buf, shape=np.array([_Payload(marker)], dtype=object))

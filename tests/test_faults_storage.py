@@ -15,10 +15,10 @@ import boto3
 import numpy as np
 import pytest
 from botocore.config import Config
+from refseg.pipeline.dataflow.sources import fetch_bytes
+from refseg.pipeline.job import run_label
+from refseg.pipeline.schema import Col
 
-from pipeline.job import run_label
-from pipeline.schema import Col
-from pipeline.sources import fetch_bytes
 from tests.faults_util import MotoServer, free_port, image_ids, make_job, write_jpegs
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -132,7 +132,9 @@ def _retry_log_lines(bucket: str) -> list[str]:
 def test_outage_longer_than_the_retries_fails_clearly_then_rerun_resumes(
     tiny_setup, tmp_path, moto, monkeypatch
 ):
-    monkeypatch.setattr("pipeline.graph.IO_RETRIES", 1)  # fail sooner: 2 attempts of a part
+    monkeypatch.setattr(
+        "refseg.pipeline.dataflow.graph.IO_RETRIES", 1
+    )  # fail sooner: 2 attempts of a part
     n = 24  # with 8 the fast decoder had written every part before the outage began
     s3, job = _setup(tiny_setup, tmp_path, moto, n)
     outage = Outage(moto, s3, BUCKET, after=2, seconds=None)

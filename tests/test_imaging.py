@@ -1,4 +1,4 @@
-"""Tests of refseg_core.imaging: every odd input is generated here with PIL/numpy."""
+"""Tests of refseg.core.imaging: every odd input is generated here with PIL/numpy."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile
-
-from refseg_core.imaging import (
+from refseg.core.imaging import (
     ImageDecodeError,
     ResizeInfo,
     context_crop_box,
@@ -27,7 +26,7 @@ from refseg_core.imaging import (
     resize_longest_side,
     resize_square,
 )
-from refseg_core.tensors import crop_valid, lowres_to_original, to_float_tensor
+from refseg.core.tensors import crop_valid, lowres_to_original, to_float_tensor
 
 RNG = np.random.default_rng(0)
 

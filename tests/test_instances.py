@@ -1,4 +1,4 @@
-"""Tests of refseg_core.rle and refseg_core.instances: tiny arrays, pycocotools round trips."""
+"""Tests of refseg.core.rle and refseg.core.instances: tiny arrays, pycocotools round trips."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from pycocotools import mask as mask_utils
-
-from refseg_core import rle
-from refseg_core.instances import INSTANCES_SCHEMA, Instances
+from refseg.core import rle
+from refseg.core.instances import INSTANCES_SCHEMA, Instances
 
 H, W = 6, 8
 

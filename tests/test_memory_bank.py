@@ -7,10 +7,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
-from refseg_core.config import get_preset, replace
-from refseg_core.factory import build_encoder
-from refseg_core.memory_bank import MemoryBank, ShotRecord, TinyMaskError, encode_shot
+from refseg.core.config import get_preset, replace
+from refseg.core.factory import build_encoder
+from refseg.core.memory_bank import MemoryBank, ShotRecord, TinyMaskError, encode_shot
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,8 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
-
-from refseg_core import checkpoints as ck
-from refseg_core.models import (
+from refseg.core import checkpoints as ck
+from refseg.core.models import (
     DINOV2_MODELS,
     SAM2_CONFIGS,
     build_dinov2,

@@ -15,6 +15,14 @@ import numpy as np
 import pytest
 import torch
 from doubles import ShapeSam, colour_dino_encoder
+from refseg.core import ops
+from refseg.core.config import MethodConfig
+from refseg.core.instances import Instances
+from refseg.core.matching import Matcher
+from refseg.core.memory_bank import MemoryBank
+from refseg.core.proposals import Sam2Proposer
+from refseg.core.references import build_memory_bank
+from refseg.core.segmenter import Segmenter
 from test_synthetic_scene import (
     BACKGROUNDS,
     CLASS_COLOURS,
@@ -25,15 +33,6 @@ from test_synthetic_scene import (
     _coco,
     _place_shapes,
 )
-
-from refseg_core import ops
-from refseg_core.config import MethodConfig
-from refseg_core.instances import Instances
-from refseg_core.matching import Matcher
-from refseg_core.memory_bank import MemoryBank
-from refseg_core.proposals import Sam2Proposer
-from refseg_core.references import build_memory_bank
-from refseg_core.segmenter import Segmenter
 
 RED = 3
 DISTRACTOR = (228, 58, 50)  # 0.044 from red in RGB: ColourDino gives it cos ~0.6 to red

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from refseg_core import ops
+from refseg.core import ops
 
 
 @pytest.mark.parametrize(

@@ -20,13 +20,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from pycocotools.coco import COCO
+from refseg.core.instances import INSTANCES_SCHEMA
+from refseg.pipeline.dataflow.settings import PipelineSettings
+from refseg.pipeline.dataflow.sources import ImageSource
+from refseg.pipeline.job import LabelJob, run_label
+from refseg.pipeline.schema import IMAGES_SCHEMA, image_id_from_uri
+from refseg.pipeline.storage import resolve
 
-from pipeline.job import LabelJob, run_label
-from pipeline.schema import IMAGES_SCHEMA, image_id_from_uri
-from pipeline.settings import PipelineSettings
-from pipeline.sources import ImageSource
-from pipeline.storage import resolve
-from refseg_core.instances import INSTANCES_SCHEMA
 from tests.conftest import write_images
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -164,7 +164,7 @@ def test_rerun_with_another_configuration_is_refused(local_run, tiny_setup):
 
 
 def test_fingerprint_keeps_what_decides_the_labels(tiny_setup, tmp_path):
-    from pipeline.run_steps import config_fingerprint
+    from refseg.pipeline.run_steps import config_fingerprint
 
     job = _job(tiny_setup, str(tmp_path), tmp_path / "o")
     base = config_fingerprint(job, "bank-a")
@@ -235,10 +235,10 @@ _DRIVER = textwrap.dedent(
     """
     import sys, warnings
     warnings.simplefilter("ignore")
-    from refseg_core.config import get_preset, replace
-    from pipeline.job import LabelJob, run_label
-    from pipeline.settings import PipelineSettings
-    from pipeline.sources import ImageSource
+    from refseg.core.config import get_preset, replace
+    from refseg.pipeline.job import LabelJob, run_label
+    from refseg.pipeline.dataflow.settings import PipelineSettings
+    from refseg.pipeline.dataflow.sources import ImageSource
     p = get_preset("tiny")
     run_label(LabelJob(sys.argv[1], ImageSource(sys.argv[2]), sys.argv[3],
               replace(p.model, random_weights=True), p.method,

@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from pipeline.progress import PROGRESS_FILE, ProgressOptions, ProgressReporter
-from pipeline.storage import resolve
+from refseg.pipeline.storage import resolve
+from refseg.pipeline.store.progress import PROGRESS_FILE, ProgressOptions, ProgressReporter
 
 KEYS = [
     "images_done",

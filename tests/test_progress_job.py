@@ -22,13 +22,13 @@ from pathlib import Path
 
 import boto3
 import pytest
+from refseg.jobs.cli import main
+from refseg.pipeline import job as job_module
+from refseg.pipeline.dataflow.settings import PipelineSettings
+from refseg.pipeline.dataflow.sources import ImageSource
+from refseg.pipeline.job import LabelJob, LabelSummary, run_label
+from refseg.pipeline.store.progress import PROGRESS_FILE, ProgressOptions
 
-from jobs.cli import main
-from pipeline import job as job_module
-from pipeline.job import LabelJob, LabelSummary, run_label
-from pipeline.progress import PROGRESS_FILE, ProgressOptions
-from pipeline.settings import PipelineSettings
-from pipeline.sources import ImageSource
 from tests.conftest import write_images
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -208,7 +208,7 @@ def test_terminal_shows_one_job_bar_not_rays_operator_bars(tiny_setup, tmp_path)
     """`refseg label` with stderr on a pseudo-terminal, as a person runs it."""
     write_images(tmp_path / "images", 3)
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "jobs", "label", "--memory", tiny_setup["bank"],
+    argv = [sys.executable, "-m", "refseg", "label", "--memory", tiny_setup["bank"],
             "--images", str(tmp_path / "images"), "--out", str(out), "--preset", "tiny",
             "--random-weights", "--num-cpus", "2", "--write-batch-size", "1"]  # fmt: skip
     master, slave = pty.openpty()

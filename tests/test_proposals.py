@@ -6,10 +6,9 @@ import warnings
 
 import pytest
 import torch
-
-from refseg_core.config import MethodConfig, get_preset, replace
-from refseg_core.factory import build_proposer
-from refseg_core.proposals import Proposals
+from refseg.core.config import MethodConfig, get_preset, replace
+from refseg.core.factory import build_proposer
+from refseg.core.proposals import Proposals
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +24,7 @@ def tiny_model():
     [(4, 5, 0.0, False), (3, 64, 0.4, True), (2, 1, 2.0, False)],
 )
 def test_propose_shapes_filters_and_all_prompts(tiny_model, points, batch, iou, no_mem):
-    from refseg_core.proposals import Sam2Proposer
+    from refseg.core.proposals import Sam2Proposer
 
     m = MethodConfig(
         points_per_side=points, prompt_batch=batch, iou_threshold=iou, add_no_mem_embed=no_mem
@@ -55,8 +54,8 @@ def test_propose_shapes_filters_and_all_prompts(tiny_model, points, batch, iou, 
     ],
 )
 def test_transport_form_is_exact_at_the_original_size(valid_hw, orig_hw):
-    from refseg_core.imaging import ResizeInfo
-    from refseg_core.tensors import lowres_to_original
+    from refseg.core.imaging import ResizeInfo
+    from refseg.core.tensors import lowres_to_original
 
     g = torch.Generator().manual_seed(0)
     smooth = torch.nn.functional.interpolate(
@@ -78,8 +77,8 @@ def test_transport_form_is_exact_at_the_original_size(valid_hw, orig_hw):
 
 def test_transport_band_is_needed_when_shrinking():
     """Without the widened band, antialiased shrinking would change the masks."""
-    from refseg_core.imaging import ResizeInfo
-    from refseg_core.tensors import lowres_to_original
+    from refseg.core.imaging import ResizeInfo
+    from refseg.core.tensors import lowres_to_original
 
     g = torch.Generator().manual_seed(4)
     logits = torch.nn.functional.interpolate(
@@ -111,9 +110,8 @@ def test_transport_form_is_compact():
 
 
 def test_normalisation_constants_are_sam2s_own():
+    from refseg.core.proposals import SAM2_MEAN, SAM2_STD
     from sam2.utils.transforms import SAM2Transforms
-
-    from refseg_core.proposals import SAM2_MEAN, SAM2_STD
 
     t = SAM2Transforms(resolution=64, mask_threshold=0.0)
     assert list(SAM2_MEAN) == list(t.mean) and list(SAM2_STD) == list(t.std)
@@ -122,7 +120,7 @@ def test_normalisation_constants_are_sam2s_own():
 def test_compile_option_wraps_the_heavy_modules():
     """``ModelConfig.compile`` hands SAM2's encoder/decoder and DINOv2's blocks to torch.compile
     (compiled lazily at the first call; bench/gpu.py's fp32-compile checks the results)."""
-    from refseg_core.factory import build_encoder
+    from refseg.core.factory import build_encoder
 
     preset = get_preset("tiny")
     model = replace(preset.model, random_weights=True, compile=True)

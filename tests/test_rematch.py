@@ -19,17 +19,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from refseg.core.instances import INSTANCES_SCHEMA
+from refseg.core.memory_bank import MemoryBank, ShotRecord, encode_shot
+from refseg.core.proposals import Proposals
+from refseg.jobs.cli import main
+from refseg.pipeline.dataflow.proposal_cache import PROPOSALS_SCHEMA, pooled_from_bytes
+from refseg.pipeline.dataflow.settings import PipelineSettings
+from refseg.pipeline.dataflow.sources import ImageSource
+from refseg.pipeline.job import LabelJob, run_label
+from refseg.pipeline.rematch import RematchJob, configs_of, open_cache, run_rematch
+from refseg.pipeline.schema import IMAGES_SCHEMA
 
-from jobs.cli import main
-from pipeline.job import LabelJob, run_label
-from pipeline.proposal_cache import PROPOSALS_SCHEMA, pooled_from_bytes
-from pipeline.rematch import RematchJob, configs_of, open_cache, run_rematch
-from pipeline.schema import IMAGES_SCHEMA
-from pipeline.settings import PipelineSettings
-from pipeline.sources import ImageSource
-from refseg_core.instances import INSTANCES_SCHEMA
-from refseg_core.memory_bank import MemoryBank, ShotRecord, encode_shot
-from refseg_core.proposals import Proposals
 from tests.conftest import write_images
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -69,7 +69,7 @@ def _run(argv: list[str]) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def bank_b(tiny_setup, tmp_path_factory) -> str:
     """Three classes, other shots than bank A (same random-weight encoder)."""
-    from refseg_core.factory import build_encoder
+    from refseg.core.factory import build_encoder
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -269,8 +269,14 @@ def test_interrupted_cache_parts_are_removed_and_redone(runs, tiny_setup):
 def test_cache_write_and_read_tasks_do_not_import_torch():
     from tests.test_layers import _imported_after
 
-    loaded = _imported_after(["pipeline.outputs", "pipeline.proposal_cache"])
-    assert "pipeline" in loaded and not loaded & {"torch", "sam2", "timm"}
+    loaded = _imported_after(
+        ["refseg.pipeline.store.layout", "refseg.pipeline.dataflow.proposal_cache"]
+    )
+    assert "refseg.pipeline.dataflow.proposal_cache" in loaded and not loaded & {
+        "torch",
+        "sam2",
+        "timm",
+    }
 
 
 def test_the_review_loop_end_to_end(runs, tiny_setup, tmp_path):
@@ -318,7 +324,7 @@ def test_check_fits_compares_checkpoint_hashes(runs):
     """Checkpoints are compared by hash: the cache's against the bank's and the flags'."""
     import dataclasses as dc
 
-    from pipeline.rematch import check_fits
+    from refseg.pipeline.rematch import check_fits
 
     cache = open_cache(str(runs["cached"]))
     info = json.loads(json.dumps(cache.info))

@@ -18,10 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
-from jobs import report, report_data, report_render
-from refseg_core import rle as rle_ops
-from refseg_core.instances import INSTANCES_SCHEMA
+from refseg.core import rle as rle_ops
+from refseg.core.instances import INSTANCES_SCHEMA
+from refseg.jobs import report, report_data, report_render
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHROMIUM_INSTALL = (

@@ -23,14 +23,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
-from jobs.cli import main
-from jobs.label_studio import chosen_annotation, decode_brush_rle
-from jobs.review import import_review
-from pipeline.schema import IMAGES_SCHEMA
-from refseg_core import rle as rle_ops
-from refseg_core.instances import INSTANCES_SCHEMA
-from refseg_core.memory_bank import MemoryBank
+from refseg.core import rle as rle_ops
+from refseg.core.instances import INSTANCES_SCHEMA
+from refseg.core.memory_bank import MemoryBank
+from refseg.jobs.cli import main
+from refseg.jobs.label_studio import chosen_annotation, decode_brush_rle
+from refseg.jobs.review import import_review
+from refseg.pipeline.schema import IMAGES_SCHEMA
 
 H, W = 50, 100
 NAMES = {3: "cat", 7: "dog", 9: "bird"}
@@ -258,7 +257,7 @@ def _rewrite(run: Path, items: dict[int, list[tuple[int, float, tuple]]]) -> Non
 def test_report_compare_shows_instances_per_class_before_and_after(run_dir, tmp_path):
     import shutil
 
-    from jobs.report_compare import compare_runs
+    from refseg.jobs.report_compare import compare_runs
 
     new = tmp_path / "new"
     shutil.copytree(run_dir, new)

@@ -6,10 +6,11 @@ import contextlib
 import io
 import warnings
 
-from jobs.cli import main
-from pipeline.job import LabelSummary
-from pipeline.lock import hold_out
-from pipeline.storage import resolve
+from refseg.jobs.cli import main
+from refseg.pipeline.job import LabelSummary
+from refseg.pipeline.storage import resolve
+from refseg.pipeline.store.lock import hold_out
+
 from tests.faults_util import write_jpegs
 
 TINY = ["--preset", "tiny", "--random-weights"]
@@ -48,7 +49,7 @@ def test_the_flags_reach_the_job(tiny_setup, tmp_path, monkeypatch):
         jobs.append(job)
         return LabelSummary(0, 0, 0, 0, 1.0, 0, job.out)
 
-    monkeypatch.setattr("pipeline.job.run_label", fake)
+    monkeypatch.setattr("refseg.pipeline.job.run_label", fake)
     flags = ("--retry-errors", "--allow-outside-root", "--take-over-lock")
     rc, _, err = _run(_label(tiny_setup, tmp_path, *flags))
     assert rc == 0, err

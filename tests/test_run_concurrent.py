@@ -13,8 +13,8 @@ import os
 import signal
 
 import pytest
+from refseg.pipeline.job import run_label
 
-from pipeline.job import run_label
 from tests.faults_util import (
     REPO,
     image_ids,

@@ -16,11 +16,10 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from pipeline import sources
-from pipeline.schema import image_id_from_uri
-from pipeline.sources import ImageSource, list_images
-from pipeline.storage import resolve
+from refseg.pipeline.dataflow import sources
+from refseg.pipeline.dataflow.sources import ImageSource, list_images
+from refseg.pipeline.schema import image_id_from_uri
+from refseg.pipeline.storage import resolve
 
 
 def _files(root: Path, names: list[str]) -> list[Path]:

@@ -18,9 +18,9 @@ import time
 
 import boto3
 import pytest
+from refseg.pipeline.storage import resolve
+from refseg.pipeline.store.lock import LeaseLostError, OutLockedError, hold_out
 
-from pipeline.lock import LeaseLostError, OutLockedError, hold_out
-from pipeline.storage import resolve
 from tests.faults_util import REPO, wait_until
 
 HOST = socket.gethostname()
@@ -49,8 +49,8 @@ def test_a_second_holder_of_a_local_out_is_refused_with_who_holds_it(tmp_path):
 _HOLDER = textwrap.dedent(
     """
     import sys, time
-    from pipeline.lock import hold_out
-    from pipeline.storage import resolve
+    from refseg.pipeline.store.lock import hold_out
+    from refseg.pipeline.storage import resolve
     with hold_out(resolve(sys.argv[1]), ttl=float(sys.argv[2])):
         print("held", flush=True)
         time.sleep(600)

@@ -24,15 +24,16 @@ import boto3
 import numpy as np
 import pyarrow as pa
 import pytest
+from refseg.core.imaging import ImageDecodeError, decode_image
+from refseg.core.instances import INSTANCES_SCHEMA
+from refseg.pipeline.dataflow.decode import decode_batch
+from refseg.pipeline.dataflow.writer import instances_blob, write_parts
+from refseg.pipeline.run_steps import complete_record, new_counts
+from refseg.pipeline.schema import Col
+from refseg.pipeline.storage import resolve
+from refseg.pipeline.store.coco_files import write_coco
+from refseg.pipeline.store.record import RunRecordError, check_fingerprint, read_run_record
 
-from pipeline import outputs
-from pipeline.decode import decode_batch
-from pipeline.run_record import RunRecordError, check_fingerprint, read_run_record
-from pipeline.run_steps import complete_record, new_counts
-from pipeline.schema import Col
-from pipeline.storage import resolve
-from refseg_core.imaging import ImageDecodeError, decode_image
-from refseg_core.instances import INSTANCES_SCHEMA
 from tests.faults_util import REPO
 
 CATEGORIES = [{"id": 3, "name": "car"}]
@@ -54,7 +55,7 @@ def _instances(image_id: int, scores: list[float]) -> bytes:
         },
         schema=INSTANCES_SCHEMA,
     )
-    return outputs.instances_blob(table)
+    return instances_blob(table)
 
 
 def _part(out, image_id: int, scores: list[float]) -> None:
@@ -70,19 +71,19 @@ def _part(out, image_id: int, scores: list[float]) -> None:
         Col.INSTANCES: np.array([_instances(image_id, scores)], dtype=object),
         **{c: np.zeros(1) for c in (Col.T_DECODE, Col.T_PROPOSE, Col.T_MATCH, Col.T_ENCODE)},
     }
-    outputs.write_parts(batch, out=out)
+    write_parts(batch, out=out)
 
 
 def test_an_interrupted_coco_assembly_leaves_the_previous_files(tmp_path):
     out = resolve(str(tmp_path / "out"))
     _part(out, 1, [0.5, 0.6])
-    outputs.write_coco(out, CATEGORIES)
+    write_coco(out, CATEGORIES)
     before = {
         n: (tmp_path / "out" / n).read_text() for n in ("coco_results.json", "coco_dataset.json")
     }
     _part(out, 2, [0.7, float("nan"), 0.8])  # the assembly stops at the NaN, mid-file
     with pytest.raises(ValueError, match="NaN"):
-        outputs.write_coco(out, CATEGORIES)
+        write_coco(out, CATEGORIES)
     for name, text in before.items():
         assert (tmp_path / "out" / name).read_text() == text
         json.loads(text)
@@ -98,7 +99,7 @@ def test_a_store_failure_while_writing_the_coco_files_says_a_rerun_writes_them(
     def unreachable(*_args, **_kwargs):
         raise OSError('Read timeout on endpoint URL:\n "http://127.0.0.1:1/b/coco_results.json"')
 
-    monkeypatch.setattr(outputs, "write_coco", unreachable)
+    monkeypatch.setattr("refseg.pipeline.run_steps.write_coco", unreachable)
     bank = SimpleNamespace(category_ids=[1], names={1: "cat"})
     with pytest.raises(OSError) as info:
         complete_record(
@@ -119,7 +120,7 @@ def test_an_interrupted_coco_assembly_on_s3_leaves_no_object(s3_endpoint):
     _part(out, 1, [0.5])
     _part(out, 2, [0.7, float("nan")])
     with pytest.raises(ValueError, match="NaN"):
-        outputs.write_coco(out, CATEGORIES)
+        write_coco(out, CATEGORIES)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="atomic-json")["Contents"]}
     assert not {"run/coco_results.json", "run/coco_dataset.json"} & keys, keys
 
@@ -127,8 +128,8 @@ def test_an_interrupted_coco_assembly_on_s3_leaves_no_object(s3_endpoint):
 _WRITE_RUN_JSON = textwrap.dedent(
     """
     import sys
-    from pipeline.run_record import write_run_record
-    from pipeline.storage import resolve
+    from refseg.pipeline.store.record import write_run_record
+    from refseg.pipeline.storage import resolve
     write_run_record(resolve(sys.argv[1]), {"fingerprint": "new", "big": "x" * 200_000})
     """
 )

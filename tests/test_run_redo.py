@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from refseg.pipeline.dataflow.writer import write_parts
+from refseg.pipeline.identity import Listing
+from refseg.pipeline.schema import Col, image_id_from_uri
+from refseg.pipeline.storage import resolve
+from refseg.pipeline.store import layout, redo
+from refseg.pipeline.store.coco_files import write_coco
 
-from pipeline import outputs, redo
-from pipeline.identity import Listing
-from pipeline.schema import Col, image_id_from_uri
-from pipeline.storage import resolve
 from tests.test_run_outputs import CATEGORIES, _instances
 
 
@@ -34,8 +36,8 @@ def _part(out, uris: list[str], ids: list[int], *, status: str = "ok") -> str:
         Col.INSTANCES: np.asarray([_instances(i, [0.5, 0.6]) for i in ids], dtype=object),
         **{c: np.zeros(n) for c in (Col.T_DECODE, Col.T_PROPOSE, Col.T_MATCH, Col.T_ENCODE)},
     }
-    outputs.write_parts(batch, out=out)
-    return f"part-{outputs.part_key(np.asarray(ids))}.parquet"
+    write_parts(batch, out=out)
+    return f"part-{layout.part_key(np.asarray(ids))}.parquet"
 
 
 def _rows(out_dir: Path, kind: str = "images") -> list[dict]:
@@ -136,7 +138,7 @@ def _part_with_stats(out, listing: Listing, *, status: str = "ok") -> None:
         Col.FILE_MTIME: listing.mtimes,
         **{c: np.zeros(n) for c in (Col.T_DECODE, Col.T_PROPOSE, Col.T_MATCH, Col.T_ENCODE)},
     }
-    outputs.write_parts(batch, out=out)
+    write_parts(batch, out=out)
 
 
 def test_late_writes_of_a_killed_run_are_settled_before_the_coco_files(tmp_path):
@@ -148,6 +150,6 @@ def test_late_writes_of_a_killed_run_are_settled_before_the_coco_files(tmp_path)
     redo.settle(out)
     rows = _rows(tmp_path / "out")
     assert sorted(r["image_id"] for r in rows) == [1, 2]
-    outputs.write_coco(out, CATEGORIES)  # every finished part is whole again
+    write_coco(out, CATEGORIES)  # every finished part is whole again
     inst = _rows(tmp_path / "out", "instances")
     assert sorted(r["image_id"] for r in inst) == [1, 1, 2, 2]

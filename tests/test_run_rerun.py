@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from refseg.jobs.export import export_run
+from refseg.pipeline.dataflow.settings import PipelineSettings
+from refseg.pipeline.job import run_label
 
-from jobs.export import export_run
-from pipeline.job import run_label
-from pipeline.settings import PipelineSettings
 from tests.faults_util import make_job, read_parts, write_jpegs
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -55,7 +55,7 @@ def test_an_interrupted_run_then_another_setting_is_refused(tiny_setup, tmp_path
         raise KeyboardInterrupt  # every part written, the final files not
 
     with monkeypatch.context() as m:
-        m.setattr("pipeline.outputs.write_coco", interrupted)
+        m.setattr("refseg.pipeline.run_steps.write_coco", interrupted)
         with pytest.raises(KeyboardInterrupt):
             run_label(_job(tiny_setup, images, out))
     assert len(_rows(out)) == 3 and not (out / "coco_results.json").exists()

@@ -1,4 +1,4 @@
-"""Tests of refseg_core.sampling: class splits and seeded few-shot reference sampling."""
+"""Tests of refseg.core.sampling: class splits and seeded few-shot reference sampling."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import random
 import warnings
 
 import pytest
-
-from refseg_core.sampling import (
+from refseg.core.sampling import (
     COCO_CATEGORY_IDS,
     COCO_FSOD_NOVEL,
     SPLITS,

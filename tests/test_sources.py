@@ -8,10 +8,9 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from pipeline import sources
-from pipeline.sources import ImageSource, list_images
-from pipeline.storage import resolve
+from refseg.pipeline.dataflow import sources
+from refseg.pipeline.dataflow.sources import ImageSource, list_images
+from refseg.pipeline.storage import resolve
 
 KEPT = ["a.jpg", "B.JPEG", "_DSC0001.jpg", ".dotted.png", "sub/c.png", "sub/deep/_d.webp"]
 LEFT_OUT = ["notes.txt", ".DS_Store", ".git/e.jpg", "sub/.ipynb_checkpoints/f.jpg"]

@@ -17,13 +17,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from doubles import colour_dino_encoder
-
-from refseg_core.config import MethodConfig
-from refseg_core.features import DinoEncoder
-from refseg_core.matching import Matcher
-from refseg_core.memory_bank import MemoryBank, ShotRecord, TinyMaskError, encode_shot
-from refseg_core.models import build_dinov2, build_sam2
-from refseg_core.proposals import Proposals, Sam2Proposer
+from refseg.core.config import MethodConfig
+from refseg.core.features import DinoEncoder
+from refseg.core.matching import Matcher
+from refseg.core.memory_bank import MemoryBank, ShotRecord, TinyMaskError, encode_shot
+from refseg.core.models import build_dinov2, build_sam2
+from refseg.core.proposals import Proposals, Sam2Proposer
 
 PALETTE = [(220, 50, 50), (40, 180, 60), (50, 80, 220)]
 DINO_SIZE = 56  # 4 x 4 patches

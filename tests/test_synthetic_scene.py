@@ -3,7 +3,7 @@
 The backbones are the deterministic doubles of ``tests/doubles.py``; everything else is the
 real code: ``build_memory_bank`` from a references COCO, ``Segmenter`` (``Sam2Proposer`` and
 ``Matcher``), ``Instances.to_coco_results`` and pycocotools through
-``refseg_core.coco.evaluate``. A failure here means the pieces do not fit together (ids,
+``refseg.core.coco.evaluate``. A failure here means the pieces do not fit together (ids,
 coordinates, resizing, box conventions, NMS, merging), since the doubles segment and
 recognise the shapes perfectly up to resampling.
 """
@@ -16,17 +16,16 @@ import numpy as np
 import pytest
 import torch
 from doubles import ShapeSam, colour_dino_encoder, connected_components
-
-from refseg_core import ops
-from refseg_core import rle as rle_ops
-from refseg_core.coco import evaluate
-from refseg_core.config import MethodConfig
-from refseg_core.imaging import longest_side_hw, prepare_target
-from refseg_core.matching import Matcher
-from refseg_core.proposals import Sam2Proposer
-from refseg_core.references import build_memory_bank
-from refseg_core.segmenter import Segmenter
-from refseg_core.tensors import stack_targets
+from refseg.core import ops
+from refseg.core import rle as rle_ops
+from refseg.core.coco import evaluate
+from refseg.core.config import MethodConfig
+from refseg.core.imaging import longest_side_hw, prepare_target
+from refseg.core.matching import Matcher
+from refseg.core.proposals import Sam2Proposer
+from refseg.core.references import build_memory_bank
+from refseg.core.segmenter import Segmenter
+from refseg.core.tensors import stack_targets
 
 # category id -> (name, colour); ids are deliberately not 0..C-1
 CLASSES = {3: ("red", (220, 50, 50)), 17: ("green", (40, 180, 60)), 90: ("blue", (50, 80, 220))}

@@ -1,4 +1,4 @@
-"""refseg_core.tensors.to_float_tensor on the read-only arrays Ray hands to its actors."""
+"""refseg.core.tensors.to_float_tensor on the read-only arrays Ray hands to its actors."""
 
 from __future__ import annotations
 
@@ -8,15 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from refseg_core.tensors import to_float_tensor
+from refseg.core.tensors import to_float_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 # torch warns once per process: check in a fresh interpreter, warnings as errors
 _PROBE = """
 import warnings
 import numpy as np
-from refseg_core.tensors import to_float_tensor
+from refseg.core.tensors import to_float_tensor
 warnings.simplefilter("error")
 img = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
 img.flags.writeable = False

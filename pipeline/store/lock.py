@@ -36,9 +36,9 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from pipeline import s3_objects
-from pipeline.atomic import write_bytes
-from pipeline.storage import Location
+from refseg.pipeline.storage import Location
+from refseg.pipeline.store import s3_objects
+from refseg.pipeline.store.atomic import write_bytes
 
 __all__ = ["LOCK_NAME", "LEASE_TTL_S", "OutLockedError", "LeaseLostError", "hold_out"]
 

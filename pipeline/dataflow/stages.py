@@ -1,7 +1,7 @@
-"""Thin Ray Data actor stages: decode columns, call refseg_core's models, encode columns.
+"""Thin Ray Data actor stages: decode columns, call refseg.core's models, encode columns.
 
-The CPU decode task is in :mod:`pipeline.decode` (no torch there). Each stage maps a
-``dict[str, np.ndarray]`` batch to another. Method logic lives in refseg_core; a failure
+The CPU decode task is in :mod:`refseg.pipeline.dataflow.decode` (no torch there). Each stage maps a
+``dict[str, np.ndarray]`` batch to another. Method logic lives in refseg.core; a failure
 on one image becomes an error row, never a failed batch.
 """
 
@@ -14,18 +14,17 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from pipeline.decode import error_text
-from pipeline.outputs import instances_blob
-from pipeline.proposal_cache import pooled_from_bytes, pooled_to_bytes
-from pipeline.schema import Col
-from refseg_core.config import MethodConfig, ModelConfig
-from refseg_core.factory import build_encoder, build_proposer
-from refseg_core.imaging import PreparedTarget
-from refseg_core.matching import Matcher, PooledMatcher
-from refseg_core.memory_bank import MemoryBank
-from refseg_core.proposals import Proposals
-from refseg_core.tensors import stack_targets
+from refseg.core.config import MethodConfig, ModelConfig
+from refseg.core.factory import build_encoder, build_proposer
+from refseg.core.imaging import PreparedTarget
+from refseg.core.matching import Matcher, PooledMatcher
+from refseg.core.memory_bank import MemoryBank
+from refseg.core.proposals import Proposals
+from refseg.core.tensors import stack_targets
+from refseg.pipeline.dataflow.decode import error_text
+from refseg.pipeline.dataflow.proposal_cache import pooled_from_bytes, pooled_to_bytes
+from refseg.pipeline.dataflow.writer import instances_blob
+from refseg.pipeline.schema import Col
 
 __all__ = ["ProposalStage", "MatchStage", "RematchStage"]
 
@@ -109,7 +108,7 @@ class MatchStage:
 
     With ``cache_proposals`` the batch keeps its ``proposals`` column and gains the pooled
     features (``Col.POOLED``, ``n_proposals``, ``n_pooled``, ``feature_dim``) for the
-    proposal cache (pipeline.proposal_cache).
+    proposal cache (refseg.pipeline.dataflow.proposal_cache).
     """
 
     def __init__(
@@ -177,7 +176,7 @@ class MatchStage:
 class RematchStage:
     """Actor holding a memory bank: matches cached proposals and pooled features (no model).
 
-    Input rows are proposal-cache rows (pipeline.proposal_cache); the output has the
+    Input rows are proposal-cache rows (refseg.pipeline.dataflow.proposal_cache); the output has the
     columns ``MatchStage`` gives the writer (instances as Arrow IPC, per-stage seconds).
     """
 

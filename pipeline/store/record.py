@@ -11,8 +11,8 @@ import platform
 import re
 from typing import Any
 
-from pipeline.atomic import write_bytes
-from pipeline.storage import Location
+from refseg.pipeline.storage import Location
+from refseg.pipeline.store.atomic import write_bytes
 
 __all__ = [
     "RunRecordError",

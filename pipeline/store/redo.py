@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,15 +33,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from pipeline import outputs
-from pipeline.identity import Listing, canonical_uri
-from pipeline.outputs import IMAGES_DIR, INSTANCES_DIR, finished_parts, part_key
-from pipeline.proposal_cache import PROPOSALS_DIR
-from pipeline.run_record import check_fingerprint, write_run_record
-from pipeline.schema import Col
-from pipeline.sources import ImageSource, list_targets
-from pipeline.storage import Location
+from refseg.pipeline.identity import Listing, canonical_uri
+from refseg.pipeline.schema import Col
+from refseg.pipeline.storage import Location
+from refseg.pipeline.store import layout
+from refseg.pipeline.store.layout import (
+    IMAGES_DIR,
+    INSTANCES_DIR,
+    PROPOSALS_DIR,
+    finished_parts,
+    part_key,
+)
+from refseg.pipeline.store.record import check_fingerprint, write_run_record
 
 __all__ = ["Plan", "begin_run", "plan_rerun", "retire", "settle"]
 
@@ -170,7 +174,7 @@ def retire(out: Location, drop: dict[str, set[int]]) -> int:
     """Remove the rows (and instances) of ``drop[part] = image ids`` from those finished
     parts; return how many image rows were removed. Call it holding OUT's lock."""
     removed = 0
-    cached = set(outputs.cached_parts(out)) if drop else set()
+    cached = set(layout.cached_parts(out)) if drop else set()
     for name, gone in sorted(drop.items()):
         if not gone:
             continue
@@ -187,14 +191,18 @@ def retire(out: Location, drop: dict[str, set[int]]) -> int:
         if kept[IMAGES_DIR].num_rows:
             key = part_key(kept[IMAGES_DIR].column(Col.IMAGE_ID).to_numpy())
             for d in dirs:
-                outputs._write_table(out.child(d, f"part-{key}.parquet"), kept[d])
+                layout.write_table(out.child(d, f"part-{key}.parquet"), kept[d])
         for d in dirs[:-1]:
             out.fs.delete_file(out.child(d, name).path)
     return removed
 
 
 def begin_run(
-    source: ImageSource, out: Location, start: dict[str, Any], *, retry_errors: bool
+    out: Location,
+    start: dict[str, Any],
+    list_targets: Callable[[], Listing],
+    *,
+    retry_errors: bool,
 ) -> Plan:
     """What a run does to OUT before its first part; call it holding OUT's lock.
 
@@ -204,14 +212,14 @@ def begin_run(
     2. Remove temporary files and the parts of interrupted batches.
     3. List the targets (each file once, OUT's own files never) and decide what runs again.
     """
-    recorded = check_fingerprint(out, start["fingerprint"], has_parts=outputs.has_parts(out))
+    recorded = check_fingerprint(out, start["fingerprint"], has_parts=layout.has_parts(out))
     if recorded != start["fingerprint"]:
         write_run_record(out, start)
-    outputs.remove_temporaries(out)
-    removed = outputs.remove_orphans(out)
+    layout.remove_temporaries(out)
+    removed = layout.remove_orphans(out)
     if removed:
         log.warning("removed %d parts of interrupted batches; their images run again", removed)
-    return plan_rerun(out, list_targets(source, out=out), retry_errors=retry_errors)
+    return plan_rerun(out, list_targets(), retry_errors=retry_errors)
 
 
 def settle(out: Location) -> int:
@@ -223,7 +231,7 @@ def settle(out: Location) -> int:
     deleted. Run when this run's own writes are over, holding OUT's lock; returns the
     number of rows and parts removed.
     """
-    removed = outputs.remove_orphans(out)
+    removed = layout.remove_orphans(out)
     first: dict[int, str] = {}
     drop: dict[str, set[int]] = defaultdict(set)
     for name in finished_parts(out):

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import ray.data
 from ray.data import ActorPoolStrategy
-
-from pipeline.decode import decode_batch
-from pipeline.outputs import write_parts
-from pipeline.settings import PipelineSettings, Resources
-from pipeline.stages import MatchStage, ProposalStage
-from pipeline.storage import Location
-from refseg_core.config import MethodConfig, ModelConfig
+from refseg.core.config import MethodConfig, ModelConfig
+from refseg.pipeline.dataflow.decode import decode_batch
+from refseg.pipeline.dataflow.settings import PipelineSettings, Resources
+from refseg.pipeline.dataflow.stages import MatchStage, ProposalStage
+from refseg.pipeline.dataflow.writer import write_parts
+from refseg.pipeline.storage import Location
 
 __all__ = ["build_graph"]
 

@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from pipeline.schema import Col, image_columns
-from pipeline.storage import Location
-from refseg_core.config import MethodConfig, ModelConfig
+from refseg.core.config import MethodConfig, ModelConfig
+from refseg.pipeline.schema import Col, image_columns
+from refseg.pipeline.storage import Location
+from refseg.pipeline.store.layout import PROPOSALS_DIR
 
 if TYPE_CHECKING:
     import torch
@@ -56,7 +56,6 @@ __all__ = [
     "cache_record",
 ]
 
-PROPOSALS_DIR = "proposals"
 CACHE_FORMAT = "refseg-proposal-cache"
 CACHE_VERSION = 1
 

@@ -23,8 +23,8 @@ import uuid
 from collections.abc import Iterator
 from typing import IO
 
-from pipeline import s3_objects
-from pipeline.storage import Location
+from refseg.pipeline.storage import Location
+from refseg.pipeline.store import s3_objects
 
 __all__ = ["atomic_output", "atomic_text", "write_bytes", "TMP_MARK"]
 

@@ -10,9 +10,8 @@ import time
 from typing import Any
 
 import numpy as np
-
-from pipeline.schema import Col
-from refseg_core.imaging import decode_image, prepare_target
+from refseg.core.imaging import decode_image, prepare_target
+from refseg.pipeline.schema import Col
 
 __all__ = ["decode_batch", "error_text"]
 

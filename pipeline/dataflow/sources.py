@@ -22,11 +22,17 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import ray.data
-
-from pipeline.identity import Listing, canonical_uri, coco_file_uri, is_under, unique, walk_local
-from pipeline.schema import Col, image_id_from_uri
-from pipeline.storage import Location, resolve
-from refseg_core.coco import load_coco
+from refseg.core.coco import load_coco
+from refseg.pipeline.identity import (
+    Listing,
+    canonical_uri,
+    coco_file_uri,
+    is_under,
+    unique,
+    walk_local,
+)
+from refseg.pipeline.schema import Col, image_id_from_uri
+from refseg.pipeline.storage import Location, resolve
 
 __all__ = [
     "ImageSource",

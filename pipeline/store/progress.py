@@ -40,9 +40,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
+from refseg.pipeline.storage import Location, put_atomic
 from tqdm import tqdm
-
-from pipeline.storage import Location, put_atomic
 
 __all__ = ["PROGRESS_FILE", "ProgressOptions", "ProgressReporter", "reporting", "utc_now"]
 

@@ -1,0 +1,10 @@
+"""``python -m refseg``: the ``refseg`` command line."""
+
+from __future__ import annotations
+
+import sys
+
+from refseg.jobs.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
