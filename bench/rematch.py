@@ -14,7 +14,7 @@ rematch`` (matching the cached proposals and pooled features against the new ban
    session start (``--no-warmup`` skips it). Each round checks that both sides wrote the
    same instances (categories and masks equal, largest score difference printed).
 3. Bytes per image of the cache, read from the Parquet metadata of ``OUT/proposals/``
-   (zstd-compressed column chunks, as stored): the proposals (``Proposals.to_bytes``) and
+   (zstd-compressed column chunks, as stored): the proposals (``transport.encode_proposals``) and
    the pooled features that the cache stores, and, for the choice, the target's DINOv2
    feature map (h x w x D float32) stored the same way, measured on ``--map-images``
    images of the same run. Since random weights give speckled masks (a worst case for the
@@ -53,6 +53,7 @@ from pipeline_overhead import parse_settings
 from refseg.core.config import get_preset, replace
 from refseg.core.imaging import decode_image, prepare_target
 from refseg.core.tensors import stack_targets
+from refseg.core.transport import encode_proposals
 from refseg.pipeline.dataflow.settings import PipelineSettings
 from refseg.pipeline.dataflow.sources import ImageSource
 from refseg.pipeline.job import LabelJob, ensure_ray, run_label
@@ -127,7 +128,7 @@ def feature_map_bytes(paths: list[Path], model: Any, method: Any) -> dict[str, f
 
 
 def ellipse_proposal_bytes(n: int, model: Any) -> float:
-    """Stored bytes of one image's ``n`` object-like proposals (``Proposals.to_bytes``)."""
+    """Stored bytes of one image's ``n`` object-like proposals (``transport.encode_proposals``)."""
     import torch
     from matching import random_logits
     from refseg.core.proposals import Proposals
@@ -137,7 +138,7 @@ def ellipse_proposal_bytes(n: int, model: Any) -> float:
     props = Proposals(logits, torch.full((n,), 0.9), torch.zeros(n, 2), size, (size, size),
                       (480, 640))  # fmt: skip
     buf = io.BytesIO()
-    table = pa.table({"proposals": pa.array([props.to_bytes()], pa.binary())})
+    table = pa.table({"proposals": pa.array([encode_proposals(props)], pa.binary())})
     pq.write_table(table, buf, compression="zstd")
     return float(len(buf.getvalue()))
 

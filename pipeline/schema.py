@@ -25,7 +25,7 @@ class Col:
     HEIGHT = "height"
     STATUS = "status"
     ERROR = "error"
-    PROPOSALS = "proposals"  # Proposals.to_bytes()
+    PROPOSALS = "proposals"  # refseg.core.transport.encode_proposals
     POOLED = (
         "pooled"  # float32 (n_pooled, feature_dim) bytes (refseg.pipeline.dataflow.proposal_cache)
     )

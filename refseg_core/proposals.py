@@ -10,16 +10,13 @@ work once and gives the same masks and IoUs up to float rounding.
 
 from __future__ import annotations
 
-import io
-import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from refseg.core import ops
 from refseg.core.config import MethodConfig
 from refseg.core.decoder import ImageState, SharedImageDecoder
+from refseg.core.sizing import auto_prompt_batch
 
 #: SAM2's input normalisation (ImageNet mean and std, as ``sam2.utils.transforms``'s
 #: ``SAM2Transforms`` sets them). Copied as numbers because importing that module pulls in
@@ -27,36 +24,7 @@ from refseg.core.decoder import ImageState, SharedImageDecoder
 SAM2_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 SAM2_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-__all__ = ["EncodedImage", "Proposals", "Sam2Proposer", "auto_prompt_batch"]
-
-#: The paper's prompt batch (stock decoder, ``prompt_batch=0``).
-STOCK_PROMPT_BATCH = 256
-#: Fast-decoder prompts per call on CPU (``prompt_batch=0``): bench/decoder.py --batches
-#: measured smaller batches faster per prompt on a 2-core CPU (the (P, 4096, 256)
-#: activations then stay in cache).
-CPU_PROMPT_BATCH = 16
-#: Peak bytes of fast-decoder working memory per prompt at a 64 x 64 embedding, float32
-#: (bench/decoder.py's peak_mib_per_call: 12-14 MiB at batches 16-64, rounded up; SAM2's
-#: own call needs 28 MiB); bf16 needs half.
-BYTES_PER_PROMPT_64 = 16 * 2**20
-
-
-def auto_prompt_batch(
-    decoder: str, device: torch.device, embed_hw: tuple[int, int], *, bf16: bool = False
-) -> int:
-    """Prompts per mask-decoder call for ``prompt_batch=0``.
-
-    Stock: the paper's 256. Fast decoder: ``CPU_PROMPT_BATCH`` on CPU; on CUDA as many as a
-    quarter of the free memory holds (``BYTES_PER_PROMPT_64`` scaled by the embedding size
-    and dtype), between 64 and 1024.
-    """
-    if decoder == "stock":
-        return STOCK_PROMPT_BATCH
-    if device.type != "cuda":
-        return CPU_PROMPT_BATCH
-    free, _ = torch.cuda.mem_get_info(device)
-    per_prompt = BYTES_PER_PROMPT_64 * embed_hw[0] * embed_hw[1] / 4096 / (2 if bf16 else 1)
-    return int(min(1024, max(64, free / 4 / per_prompt)))
+__all__ = ["EncodedImage", "Proposals", "Sam2Proposer"]
 
 
 @dataclass(frozen=True)
@@ -105,79 +73,6 @@ class Proposals:
             self.input_size,
             self.valid_hw,
             self.orig_hw,
-        )
-
-    def to_bytes(self) -> bytes:
-        """Compact, exact transport form (npz, no pickle).
-
-        Masks are stored as bit-packed signs plus the float32 logits of pixels near a sign
-        change only; interior pixels decode as ±1e4. Resampling to the original size
-        (``refseg.core.tensors.lowres_to_original``) thresholded at 0 is then unchanged:
-        every output pixel is a positive-weighted mean of low-res pixels, so its sign is
-        decided by them alone wherever they share one sign, and every window that mixes
-        signs is kept exactly. A window is 2 x 2 pixels when enlarging (the "boundary": a
-        pixel whose 3x3 neighbourhood has both signs) and up to ceil(2 s) pixels per axis
-        when the antialiased square resize shrinks by s > 1 (originals smaller than the
-        low-res map): the boundary is then widened by ceil(2 s) - 1 pixels on that axis.
-        """
-        logits = self.logits.detach().float().cpu()
-        fg = logits > 0
-        n, h, w = fg.shape
-        if n:
-            f = fg[:, None].float()
-            hi = F.max_pool2d(f, 3, stride=1, padding=1)
-            lo = -F.max_pool2d(-f, 3, stride=1, padding=1)
-            boundary = hi != lo
-            ry, rx = self._shrink_margin(h, w)
-            if ry or rx:
-                kernel = (2 * ry + 1, 2 * rx + 1)
-                band = F.max_pool2d(boundary.float(), kernel, stride=1, padding=(ry, rx))
-                boundary = band > 0
-            boundary = boundary[:, 0]
-        else:
-            boundary = torch.zeros((0, h, w), dtype=torch.bool)
-        flat_idx = torch.nonzero(boundary.reshape(-1)).flatten()
-        buf = io.BytesIO()
-        np.savez(
-            buf,
-            signs=np.packbits(fg.numpy().reshape(n, h * w), axis=1),
-            boundary_index=flat_idx.numpy().astype(np.int32),
-            boundary_value=logits.reshape(-1)[flat_idx].numpy(),
-            iou=self.iou.detach().float().cpu().numpy(),
-            points=self.points.detach().float().cpu().numpy(),
-            shape=np.array([n, h, w], dtype=np.int64),
-            sizes=np.array([self.input_size, *self.valid_hw, *self.orig_hw], dtype=np.int64),
-        )
-        return buf.getvalue()
-
-    def _shrink_margin(self, h: int, w: int) -> tuple[int, int]:
-        """Extra exact pixels per axis around sign changes: ceil(2 s) - 1 where the square
-        resize to the original shrinks (antialiased, scale s = low-res / original > 1)."""
-        if self.valid_hw != (self.input_size, self.input_size):
-            return 0, 0  # longest-side: bilinear sampling, two neighbours per axis
-        return tuple(  # type: ignore[return-value]
-            math.ceil(2 * lo / orig) - 1 if lo > orig else 0
-            for lo, orig in ((h, self.orig_hw[0]), (w, self.orig_hw[1]))
-        )
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Proposals:
-        z = np.load(io.BytesIO(data), allow_pickle=False)
-        n, h, w = (int(v) for v in z["shape"])
-        signs = np.unpackbits(z["signs"], axis=1, count=h * w).astype(bool) if n else None
-        dense = np.full((n, h * w), -1e4, dtype=np.float32)
-        if n:
-            dense[signs] = 1e4
-        dense = dense.reshape(-1)
-        dense[z["boundary_index"]] = z["boundary_value"]
-        size, vh, vw, oh, ow = (int(v) for v in z["sizes"])
-        return cls(
-            torch.from_numpy(dense.reshape(n, h, w)),
-            torch.from_numpy(z["iou"]),
-            torch.from_numpy(z["points"]),
-            size,
-            (vh, vw),
-            (oh, ow),
         )
 
 

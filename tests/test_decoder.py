@@ -194,7 +194,7 @@ def test_bf16_decoder_is_a_bf16_copy_close_to_float32():
 
 
 def test_automatic_prompt_batch():
-    from refseg.core.proposals import CPU_PROMPT_BATCH, STOCK_PROMPT_BATCH, auto_prompt_batch
+    from refseg.core.sizing import CPU_PROMPT_BATCH, STOCK_PROMPT_BATCH, auto_prompt_batch
 
     cpu = torch.device("cpu")
     assert auto_prompt_batch("stock", cpu, (64, 64)) == STOCK_PROMPT_BATCH == 256

@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from refseg.core.checkpoints import sha256_file
+from refseg.core.transport import decode_proposals
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("refseg", "refseg_core", "pipeline", "jobs")
@@ -112,12 +113,11 @@ def test_pickled_references_are_not_json(tmp_path, marker):
 
 
 def test_proposals_in_transit_refuse_pickled_arrays(marker):
-    from refseg.core.proposals import Proposals
 
     buf = io.BytesIO()
     np.savez(buf, shape=np.array([_Payload(marker)], dtype=object))
     with pytest.raises(ValueError, match="allow_pickle"):
-        Proposals.from_bytes(buf.getvalue())
+        decode_proposals(buf.getvalue())
 
 
 # ------------------------------------------------------------------------ source scan

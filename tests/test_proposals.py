@@ -9,6 +9,7 @@ import torch
 from refseg.core.config import MethodConfig, get_preset, replace
 from refseg.core.factory import build_proposer
 from refseg.core.proposals import Proposals
+from refseg.core.transport import decode_proposals, encode_proposals
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_transport_form_is_exact_at_the_original_size(valid_hw, orig_hw):
         p = Proposals(
             logits, torch.rand(len(logits)), torch.rand(len(logits), 2), 256, valid_hw, orig_hw
         )
-        q = Proposals.from_bytes(p.to_bytes())
+        q = decode_proposals(encode_proposals(p))
         assert (q.input_size, q.valid_hw, q.orig_hw) == (256, valid_hw, orig_hw)
         assert torch.equal(q.iou, p.iou) and torch.equal(q.logits > 0, p.logits > 0)
         assert torch.equal(
@@ -95,8 +96,8 @@ def test_transport_band_is_needed_when_shrinking():
     narrow[boundary] = logits[boundary]
     exact = lowres_to_original(logits, info) > 0
     assert not torch.equal(lowres_to_original(narrow, info) > 0, exact)
-    q = Proposals.from_bytes(
-        Proposals(logits, torch.rand(8), torch.rand(8, 2), 256, (256, 256), orig).to_bytes()
+    q = decode_proposals(
+        encode_proposals(Proposals(logits, torch.rand(8), torch.rand(8, 2), 256, (256, 256), orig))
     )
     assert torch.equal(lowres_to_original(q.logits, info) > 0, exact)
 
@@ -106,7 +107,7 @@ def test_transport_form_is_compact():
     yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
     discs = torch.stack([r**2 - (xx - 32) ** 2 - (yy - 30) ** 2 for r in (5.0, 12.0, 25.0)])
     p = Proposals(discs, torch.rand(3), torch.rand(3, 2), 256, (256, 256), (300, 300))
-    assert len(p.to_bytes()) < discs.numel() * 4 / 5
+    assert len(encode_proposals(p)) < discs.numel() * 4 / 5
 
 
 def test_normalisation_constants_are_sam2s_own():

@@ -21,7 +21,7 @@ import pytest
 import torch
 from refseg.core.instances import INSTANCES_SCHEMA
 from refseg.core.memory_bank import MemoryBank, ShotRecord, encode_shot
-from refseg.core.proposals import Proposals
+from refseg.core.transport import decode_proposals
 from refseg.jobs.cli import main
 from refseg.pipeline.dataflow.proposal_cache import PROPOSALS_SCHEMA, pooled_from_bytes
 from refseg.pipeline.dataflow.settings import PipelineSettings
@@ -125,7 +125,7 @@ def test_cache_parts_hold_every_image_and_run_json_says_what_shaped_them(runs, t
         if r["status"] != "ok":
             assert r["proposals"] == b"" and "broken.jpg" in r["error"]
             continue
-        props = Proposals.from_bytes(r["proposals"])
+        props = decode_proposals(r["proposals"])
         assert len(props) == r["n_proposals"] > 0 and props.orig_hw == (r["height"], r["width"])
         pooled = pooled_from_bytes(r["pooled"], r["n_pooled"], r["feature_dim"])
         assert pooled.shape == (r["n_pooled"], 384) and bool(pooled.isfinite().all())

@@ -4,8 +4,8 @@
 part-<key>.parquet`` with one row per input image (``PROPOSALS_SCHEMA``):
 
 * ``proposals``: the SAM2 proposals in the compact, exact transport form the pipeline
-  already moves between its actors (``Proposals.to_bytes``: bit-packed signs of the
-  256 x 256 logits plus the float32 logits of boundary pixels, IoUs, prompts, sizes).
+  already moves between its actors (``refseg.core.transport.encode_proposals``: bit-packed
+  signs of the 256 x 256 logits plus the float32 logits of boundary pixels, IoUs, prompts, sizes).
 * ``pooled``: the DINOv2 feature pooled inside every nonempty proposal, float32
   little-endian, C order, ``(n_pooled, feature_dim)``: exactly the tensor the labelling run
   matched (``Matcher.pool``), so matching it again against another bank gives the same
@@ -67,7 +67,7 @@ PROPOSALS_SCHEMA = pa.schema(
         pa.field(Col.HEIGHT, pa.int32()),
         pa.field(Col.STATUS, pa.string(), nullable=False),
         pa.field(Col.ERROR, pa.string()),
-        pa.field(Col.PROPOSALS, pa.binary()),  # Proposals.to_bytes(); empty for error rows
+        pa.field(Col.PROPOSALS, pa.binary()),  # transport.encode_proposals; empty for error rows
         pa.field(Col.POOLED, pa.binary()),  # float32 (n_pooled, feature_dim), little-endian
         pa.field("n_proposals", pa.int32()),
         pa.field("n_pooled", pa.int32()),
@@ -170,7 +170,7 @@ def cache_record(
         "format": CACHE_FORMAT,
         "version": CACHE_VERSION,
         "path": PROPOSALS_DIR,
-        "content": "proposals: Proposals.to_bytes; pooled: float32 (n_pooled, feature_dim) "
+        "content": "proposals: transport.encode_proposals; pooled: float32 (n_pooled, feature_dim) "
         "DINOv2 features pooled inside each nonempty proposal",
         "encoder": {
             "dinov2_model": model.dinov2_model,

@@ -19,8 +19,8 @@ from refseg.core.factory import build_encoder, build_proposer
 from refseg.core.imaging import PreparedTarget
 from refseg.core.matching import Matcher, PooledMatcher
 from refseg.core.memory_bank import MemoryBank
-from refseg.core.proposals import Proposals
 from refseg.core.tensors import stack_targets
+from refseg.core.transport import decode_proposals, encode_proposals
 from refseg.pipeline.dataflow.decode import error_text
 from refseg.pipeline.dataflow.proposal_cache import pooled_from_bytes, pooled_to_bytes
 from refseg.pipeline.dataflow.writer import instances_blob
@@ -90,7 +90,7 @@ class ProposalStage:
                 [t.valid_hw for t in targets],
                 [t.orig_hw for t in targets],
             )
-            return [p.to_bytes() for p in props]
+            return [encode_proposals(p) for p in props]
 
         results = _per_image(batch, rows, run) if len(rows) else {}
         _mark_errors(batch, results)
@@ -139,7 +139,7 @@ class MatchStage:
             out = []
             for k, i in enumerate(idx):
                 t1 = time.perf_counter()
-                props = Proposals.from_bytes(batch[Col.PROPOSALS][i])
+                props = decode_proposals(batch[Col.PROPOSALS][i])
                 pooled = self.matcher.pool(props, feats[k])
                 inst = self.matcher.match_pooled(props, pooled)
                 t2 = time.perf_counter()
@@ -198,7 +198,7 @@ class RematchStage:
             out = []
             for i in idx:
                 t1 = time.perf_counter()
-                props = Proposals.from_bytes(batch[Col.PROPOSALS][i])
+                props = decode_proposals(batch[Col.PROPOSALS][i])
                 dim = int(batch["feature_dim"][i])
                 pooled = pooled_from_bytes(batch[Col.POOLED][i], int(batch["n_pooled"][i]), dim)
                 inst = self.matcher.match_pooled(props, pooled)
