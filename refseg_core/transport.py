@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 from refseg.core.proposals import Proposals
 
-__all__ = ["encode_proposals", "decode_proposals"]
+__all__ = ["encode_proposals", "decode_proposals", "pack_bits", "transport_arrays"]
+
+
+#: Proposals whose transport arrays are computed per step on their device: bounds the
+#: float copies of the max-pools to a few hundred MiB at 256 x 256 (256 masks: 64 MiB each).
+ENCODE_CHUNK = 256
+#: Bit weights of one packed byte, most significant first (``np.packbits``' default order).
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
 
 
 def encode_proposals(proposals: Proposals) -> bytes:
@@ -26,38 +33,83 @@ def encode_proposals(proposals: Proposals) -> bytes:
     pixel whose 3x3 neighbourhood has both signs) and up to ceil(2 s) pixels per axis
     when the antialiased square resize shrinks by s > 1 (originals smaller than the
     low-res map): the boundary is then widened by ceil(2 s) - 1 pixels on that axis.
+
+    The arrays are computed where the logits are (:func:`transport_arrays`): on a GPU
+    only the packed signs, the boundary pixels and the small per-proposal arrays are copied
+    to the host, never the (N, h, w) logits.
     """
-    logits = proposals.logits.detach().float().cpu()
-    fg = logits > 0
-    n, h, w = fg.shape
-    if n:
-        f = fg[:, None].float()
-        hi = F.max_pool2d(f, 3, stride=1, padding=1)
-        lo = -F.max_pool2d(-f, 3, stride=1, padding=1)
-        boundary = hi != lo
-        ry, rx = _shrink_margin(proposals, h, w)
-        if ry or rx:
-            kernel = (2 * ry + 1, 2 * rx + 1)
-            band = F.max_pool2d(boundary.float(), kernel, stride=1, padding=(ry, rx))
-            boundary = band > 0
-        boundary = boundary[:, 0]
-    else:
-        boundary = torch.zeros((0, h, w), dtype=torch.bool)
-    flat_idx = torch.nonzero(boundary.reshape(-1)).flatten()
+    arrays = {k: v.cpu().numpy() for k, v in transport_arrays(proposals).items()}
     buf = io.BytesIO()
     np.savez(
         buf,
-        signs=np.packbits(fg.numpy().reshape(n, h * w), axis=1),
-        boundary_index=flat_idx.numpy().astype(np.int32),
-        boundary_value=logits.reshape(-1)[flat_idx].numpy(),
-        iou=proposals.iou.detach().float().cpu().numpy(),
-        points=proposals.points.detach().float().cpu().numpy(),
-        shape=np.array([n, h, w], dtype=np.int64),
+        **arrays,
         sizes=np.array(
             [proposals.input_size, *proposals.valid_hw, *proposals.orig_hw], dtype=np.int64
         ),
     )
     return buf.getvalue()
+
+
+def transport_arrays(proposals: Proposals) -> dict[str, torch.Tensor]:
+    """The transport form's arrays, on the proposals' device (torch ops only).
+
+    Returns:
+        ``signs`` (N, ceil(h*w / 8)) uint8, each row ``np.packbits`` of the row-major
+        foreground (logit > 0); ``boundary_index`` (K,) int32 flat indices into the
+        (N, h, w) logits of the pixels kept exactly; ``boundary_value`` (K,) float32 their
+        logits; ``iou`` (N,) float32; ``points`` (N, 2) float32; ``shape`` (3,) int64.
+    """
+    logits = proposals.logits.detach()
+    dev = logits.device
+    n, h, w = logits.shape
+    ry, rx = _shrink_margin(proposals, h, w)
+    signs, index, value = [], [], []
+    for s in range(0, n, ENCODE_CHUNK):
+        part = logits[s : s + ENCODE_CHUNK].float()
+        fg = part > 0
+        boundary = _boundary(fg, ry, rx)
+        signs.append(pack_bits(fg.reshape(fg.shape[0], h * w)))
+        idx = torch.nonzero(boundary.reshape(-1)).flatten()
+        value.append(part.reshape(-1)[idx])
+        index.append((idx + s * h * w).to(torch.int32))
+    return {
+        "signs": torch.cat(signs) if n else torch.zeros((0, -(-h * w // 8)), dtype=torch.uint8),
+        "boundary_index": torch.cat(index) if n else torch.zeros(0, dtype=torch.int32),
+        "boundary_value": torch.cat(value) if n else torch.zeros(0, dtype=torch.float32),
+        "iou": proposals.iou.detach().float(),
+        "points": proposals.points.detach().float(),
+        "shape": torch.tensor([n, h, w], dtype=torch.int64, device=dev),
+    }
+
+
+def _boundary(fg: torch.Tensor, ry: int, rx: int) -> torch.Tensor:
+    """(n, h, w) bool: pixels whose 3x3 neighbourhood has both signs, widened by (ry, rx)."""
+    f = fg[:, None].float()
+    hi = F.max_pool2d(f, 3, stride=1, padding=1)
+    lo = -F.max_pool2d(-f, 3, stride=1, padding=1)
+    boundary = hi != lo
+    if ry or rx:
+        kernel = (2 * ry + 1, 2 * rx + 1)
+        boundary = F.max_pool2d(boundary.float(), kernel, stride=1, padding=(ry, rx)) > 0
+    return boundary[:, 0]
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """``np.packbits(bits, axis=-1)`` in torch, on the tensor's device.
+
+    Args:
+        bits: (..., L) bool.
+
+    Returns:
+        (..., ceil(L / 8)) uint8; the first element of each group of 8 is the most
+        significant bit, and a last partial group is padded with zeros.
+    """
+    pad = -bits.shape[-1] % 8
+    if pad:
+        bits = F.pad(bits, (0, pad))
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bits.device)
+    groups = bits.unflatten(-1, (-1, 8)).to(torch.uint8)
+    return (groups * weights).sum(dim=-1, dtype=torch.uint8)
 
 
 def _shrink_margin(p: Proposals, h: int, w: int) -> tuple[int, int]:
