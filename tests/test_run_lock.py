@@ -1,7 +1,9 @@
 """One run at a time on an OUT (issue 13): a lock on local disk, a lease on S3 (moto).
 
 These hold OUT in this process (or in a subprocess that is then killed) and try a second
-holder. The job-level case is tests/test_run_concurrent.py.
+holder. The job-level case is tests/test_run_concurrent.py. Heartbeats run on a
+``ManualClock``: time moves only when a test calls ``advance``, which returns once every
+heartbeat due by then has been sent, so nothing here waits on, or races, the real clock.
 """
 
 from __future__ import annotations
@@ -21,9 +23,63 @@ import pytest
 from refseg.pipeline.storage import resolve
 from refseg.pipeline.store.lock import LeaseLostError, OutLockedError, hold_out
 
-from tests.faults_util import REPO, wait_until
+from tests.faults_util import REPO
 
 HOST = socket.gethostname()
+
+
+class ManualClock:
+    """A lock's clock (refseg.pipeline.store.lock.Clock) that moves only in ``advance``.
+
+    The heartbeat threads (named ``refseg-lease``) of the leases started after it wait on
+    it; ``advance`` first waits until each of them is waiting (or has ended), moves the
+    time, then waits until every thread whose wait fell due has sent its heartbeat and
+    waits again (or has ended).
+    """
+
+    THREAD = "refseg-lease"
+
+    def __init__(self, start: float = 1.9e9) -> None:
+        self.t = start
+        self._cond = threading.Condition()
+        self._waiting: dict[threading.Thread, float] = {}  # thread -> the time it waits for
+        self._older = {t for t in threading.enumerate() if t.name == self.THREAD}
+
+    def now(self) -> float:
+        with self._cond:
+            return self.t
+
+    def wait(self, stop: threading.Event, seconds: float) -> bool:
+        me = threading.current_thread()
+        with self._cond:
+            self._waiting[me] = self.t + seconds
+            self._cond.notify_all()
+            # a short real wait only to notice ``stop`` (an Event cannot wake a Condition)
+            while not stop.is_set() and self.t < self._waiting[me]:
+                self._cond.wait(0.05)
+            del self._waiting[me]
+            return stop.is_set()
+
+    def _settled(self) -> bool:
+        return all(
+            self._waiting.get(t, self.t) > self.t
+            for t in threading.enumerate()
+            if t.name == self.THREAD and t not in self._older
+        )
+
+    def _settle(self) -> None:
+        deadline = time.monotonic() + 120  # a safety net only: a heartbeat takes milliseconds
+        while not self._settled():
+            if time.monotonic() > deadline:
+                raise AssertionError("a lease heartbeat thread did not come back to its wait")
+            self._cond.wait(0.01)  # threads that end do not notify: look again soon
+
+    def advance(self, seconds: float) -> None:
+        with self._cond:
+            self._settle()
+            self.t += seconds
+            self._cond.notify_all()
+            self._settle()
 
 
 # ------------------------------------------------------------------------------- local
@@ -138,7 +194,7 @@ def test_two_runs_starting_together_get_one_lease(s3_out):
         try:
             with hold_out(out):
                 results.append("held")
-                release.wait(10)
+                release.wait(120)  # set by the refused one; the bound only ends a failure
         except OutLockedError:
             results.append("refused")
             release.set()
@@ -147,7 +203,7 @@ def test_two_runs_starting_together_get_one_lease(s3_out):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
+        t.join(180)
     assert sorted(results) == ["held", "refused"]
 
 
@@ -177,25 +233,52 @@ def test_the_lease_of_an_ended_process_on_this_host_is_taken_over_at_once(s3_out
         assert _lease(s3, bucket)["owner"]["pid"] == os.getpid()
 
 
+TTL = 300.0  # heartbeats every 60 s of the manual clock
+
+
 def test_heartbeats_keep_a_lease_past_its_ttl(s3_out):
     s3, bucket, out = s3_out
-    with hold_out(out, ttl=1.0):
-        first = _lease(s3, bucket)["heartbeat"]
-        time.sleep(2.5)  # more than the ttl: alive only through its heartbeats
-        with pytest.raises(OutLockedError), hold_out(out, ttl=1.0):
+    clock = ManualClock()
+    with hold_out(out, ttl=TTL, clock=clock):
+        start = clock.now()
+        assert _lease(s3, bucket)["expires"] == start + TTL
+        clock.advance(270)  # one heartbeat (due at 60 s), sent at 270 s
+        assert _lease(s3, bucket)["heartbeat"] == start + 270
+        clock.advance(270)  # 540 s: past the first expiry, alive only through its heartbeats
+        assert _lease(s3, bucket)["expires"] == start + 540 + TTL
+        with pytest.raises(OutLockedError), hold_out(out, ttl=TTL, clock=clock):
             pass
-        assert _lease(s3, bucket)["heartbeat"] > first
+
+
+def test_without_heartbeats_a_lease_expires_after_its_ttl(s3_out, caplog):
+    """The other side of the test above: a holder cut off (its heartbeats never reach the
+    store) loses OUT to the next run once ``ttl`` has passed, and not before."""
+    s3, bucket, out = s3_out
+    clock = ManualClock()
+    _plant(s3, bucket, host="cut-off-node", pid=1234, expires=clock.now() + TTL)
+    clock.advance(TTL - 1)
+    with pytest.raises(OutLockedError, match="cut-off-node"), hold_out(out, clock=clock):
+        pass
+    clock.advance(2)
+    with hold_out(out, ttl=TTL, clock=clock):
+        assert _lease(s3, bucket)["owner"]["pid"] == os.getpid()
+    assert "took over the lease" in caplog.text and "it expired" in caplog.text
 
 
 def test_a_run_whose_lease_was_taken_over_finds_out_and_leaves_the_new_lease(s3_out):
     s3, bucket, out = s3_out
-    held = hold_out(out, ttl=1.0)
+    clock = ManualClock()
+    held = hold_out(out, ttl=TTL, clock=clock)
     first = held.__enter__()
-    with hold_out(out, take_over=True):
+    with hold_out(out, take_over=True, ttl=TTL, clock=clock):
         taker = _lease(s3, bucket)["owner"]["run_id"]
-        wait_until(lambda: first.lost is not None, timeout=10, what="the lost heartbeat")
+        assert first.lost is None
+        clock.advance(TTL / 5)  # the next heartbeat of each: the first run's If-Match fails
+        assert first.lost is not None and first.lost["owner"]["run_id"] == taker
         with pytest.raises(LeaseLostError, match="lost its lease"):
             first.check()
         held.__exit__(None, None, None)  # the first run ends: the new lease stays
         assert _lease(s3, bucket)["owner"]["run_id"] == taker
+        clock.advance(TTL / 5)  # and the taker's heartbeats go on
+        assert _lease(s3, bucket)["heartbeat"] == clock.now()
     assert _lease(s3, bucket) is None

@@ -19,6 +19,9 @@ change to OUT until its last (``hold_out``). Who holds it is in ``OUT/lock.json`
   out at its next heartbeat and stops before its final files (``check``). Expiry compares
   the holder's clock with the taker's: hosts' clocks must agree to well within ``ttl``.
 * Other stores (gs://): no lock; a warning says so.
+
+Every time stamp and every heartbeat wait goes through a :class:`Clock` (``SYSTEM_CLOCK``:
+``time.time`` and real waits), so that tests move a lease's time explicitly.
 """
 
 from __future__ import annotations
@@ -34,13 +37,14 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from refseg.pipeline.storage import Location
 from refseg.pipeline.store import s3_objects
 from refseg.pipeline.store.atomic import write_bytes
 
-__all__ = ["LOCK_NAME", "LEASE_TTL_S", "OutLockedError", "LeaseLostError", "hold_out"]
+__all__ = ["LOCK_NAME", "LEASE_TTL_S", "SYSTEM_CLOCK", "Clock", "OutLockedError", "hold_out"]
+__all__ += ["LeaseLostError", "SystemClock"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,28 @@ LOCK_NAME = "lock.json"
 #: Seconds an S3 lease lives without a heartbeat (heartbeats come every fifth of it).
 LEASE_TTL_S = 300.0
 _LIVE: set[str] = set()  # run ids of the leases this process holds now
+
+
+class Clock(Protocol):
+    """Where a lock reads the time (``now``: seconds since the epoch) and waits between
+    heartbeats (``wait``: ``seconds`` or until ``stop`` is set; True when it was set)."""
+
+    def now(self) -> float: ...
+
+    def wait(self, stop: threading.Event, seconds: float) -> bool: ...
+
+
+class SystemClock:
+    """Wall-clock time (``time.time``) and real waits."""
+
+    def now(self) -> float:
+        return time.time()
+
+    def wait(self, stop: threading.Event, seconds: float) -> bool:
+        return stop.wait(seconds)
+
+
+SYSTEM_CLOCK = SystemClock()
 
 
 class OutLockedError(OSError):
@@ -70,12 +96,11 @@ def _boot_id() -> str:
         return ""
 
 
-def _owner(run_id: str) -> dict[str, Any]:
+def _owner(run_id: str, now: float) -> dict[str, Any]:
     try:
         user = getpass.getuser()
     except Exception:  # no user name in some containers
         user = str(os.getuid()) if hasattr(os, "getuid") else "?"
-    now = time.time()
     return {
         "host": socket.gethostname(),
         "boot_id": _boot_id(),
@@ -118,17 +143,17 @@ def _pid_ended(pid: Any) -> bool:
     return False
 
 
-def _refusal(out: Location, lease: dict[str, Any] | None, hint: str) -> OutLockedError:
+def _refusal(out: Location, lease: dict[str, Any] | None, hint: str, now: float) -> OutLockedError:
     return OutLockedError(
-        f"{out.uri} is in use by another `refseg label` run: {_describe(lease, time.time())}. "
+        f"{out.uri} is in use by another `refseg label` run: {_describe(lease, now)}. "
         "Two runs on one OUT would delete each other's unfinished parts and mix their "
         f"files. Wait for that run to end, or use another --out. {hint}"
     )
 
 
 class _LocalLock:
-    def __init__(self, out: Location) -> None:
-        self.out, self.fd = out, -1
+    def __init__(self, out: Location, clock: Clock) -> None:
+        self.out, self.fd, self.clock = out, -1, clock
 
     def acquire(self) -> None:
         import fcntl
@@ -144,9 +169,11 @@ class _LocalLock:
                 _parse(_read_local(self.out.child(LOCK_NAME).path)),
                 "(The lock goes with that process: it is released when the process ends, "
                 "even if it is killed.)",
+                self.clock.now(),
             ) from None
         self.fd = fd
-        lease = {"owner": _owner(uuid.uuid4().hex[:12]), "heartbeat": time.time()}
+        now = self.clock.now()
+        lease = {"owner": _owner(uuid.uuid4().hex[:12], now), "heartbeat": now}
         write_bytes(self.out.child(LOCK_NAME), json.dumps(lease, indent=1).encode())
 
     def check(self) -> None:
@@ -173,10 +200,10 @@ def _read_local(path: str) -> bytes | None:
 
 
 class _S3Lease:
-    def __init__(self, out: Location, *, ttl: float, take_over: bool) -> None:
+    def __init__(self, out: Location, *, ttl: float, take_over: bool, clock: Clock) -> None:
         self.out, self.loc = out, out.child(LOCK_NAME)
-        self.ttl, self.take_over = float(ttl), take_over
-        self.owner = _owner(uuid.uuid4().hex[:12])
+        self.ttl, self.take_over, self.clock = float(ttl), take_over, clock
+        self.owner = _owner(uuid.uuid4().hex[:12], clock.now())
         self.etag: str | None = None
         self.lost: dict[str, Any] | None = None
         self._stop = threading.Event()
@@ -184,7 +211,7 @@ class _S3Lease:
         self._thread: threading.Thread | None = None
 
     def _body(self) -> bytes:
-        now = time.time()
+        now = self.clock.now()
         lease = {
             "owner": self.owner,
             "heartbeat": now,
@@ -201,7 +228,7 @@ class _S3Lease:
             return "--take-over-lock was given"
         if lease is None:
             return "it is not a refseg lease"
-        o, now = lease["owner"], time.time()
+        o, now = lease["owner"], self.clock.now()
         expires = lease.get("expires")
         if not isinstance(expires, int | float) or expires < now:
             return f"it expired at {lease.get('expires_at')} (no heartbeat for {self.ttl:.0f} s)"
@@ -240,13 +267,14 @@ class _S3Lease:
                     f"If that run was killed, its lease expires at {expires} ({self.ttl:.0f} s "
                     "after its last heartbeat) and a rerun then takes OUT over; "
                     "--take-over-lock takes it over now (only if that run is surely stopped).",
+                    self.clock.now(),
                 )
             self.etag = s3_objects.put_if_match(ep, path, self._body(), seen[1])
             if self.etag:
                 log.warning(
                     "took over the lease on %s from %s: %s",
                     self.out.uri,
-                    _describe(lease, time.time()),
+                    _describe(lease, self.clock.now()),
                     why,
                 )
                 break
@@ -280,7 +308,7 @@ class _S3Lease:
             self.etag = etag
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.ttl / 5) and self.lost is None:
+        while not self.clock.wait(self._stop, self.ttl / 5) and self.lost is None:
             try:
                 self._renew()
             except Exception as exc:  # a store outage: keep trying while the run goes on
@@ -294,7 +322,7 @@ class _S3Lease:
         if self.lost is not None:
             raise LeaseLostError(
                 f"this run lost its lease on {self.out.uri} to another run "
-                f"({_describe(self.lost, time.time())}) after its heartbeats failed for "
+                f"({_describe(self.lost, self.clock.now())}) after its heartbeats failed for "
                 f"{self.ttl:.0f} s: it stops without writing the final files; the run that "
                 "holds OUT now completes it"
             )
@@ -339,17 +367,22 @@ class _NoLock:
 
 
 @contextlib.contextmanager
-def hold_out(out: Location, *, take_over: bool = False, ttl: float = LEASE_TTL_S) -> Iterator[Any]:
+def hold_out(
+    out: Location, *, take_over: bool = False, ttl: float = LEASE_TTL_S, clock: Clock = SYSTEM_CLOCK
+) -> Iterator[Any]:
     """Hold OUT for the ``with`` block; the object yielded has ``check()``.
+
+    ``clock`` gives the time stamps and the waits between heartbeats (tests pass one they
+    move by hand).
 
     Raises:
         OutLockedError: another run holds OUT (the message names it and what to do).
     """
     lock: Any
     if out.is_local:
-        lock = _LocalLock(out) if os.name == "posix" else _NoLock()
+        lock = _LocalLock(out, clock) if os.name == "posix" else _NoLock()
     elif out.scheme == "s3":
-        lock = _S3Lease(out, ttl=ttl, take_over=take_over)
+        lock = _S3Lease(out, ttl=ttl, take_over=take_over, clock=clock)
     else:
         log.warning(
             "%s: no lock on %s:// outputs; make sure one run at a time writes OUT",
