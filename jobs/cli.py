@@ -95,6 +95,13 @@ COMMANDS: tuple[Command, ...] = (
         "run_box_masks",
         "turn box-only reference annotations into masks with SAM2",
     ),
+    Command(
+        "compact",
+        "refseg.jobs.cmd_compact",
+        "add_compact_args",
+        "run_compact",
+        "merge OUT's small parts into large ones (also automatic past a threshold)",
+    ),
     Command("demo", "refseg.jobs.demo", "add_demo_args", "run_demo", "offline end-to-end demo"),
     Command(
         "checkpoints",

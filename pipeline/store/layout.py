@@ -6,14 +6,23 @@ OUT/
                                  instances part of the same key: it is the completion marker
   proposals/part-<key>.parquet   with --cache-proposals: the proposal cache of the same
                                  images (refseg.pipeline.dataflow.proposal_cache), written first
-  coco_results.json, coco_dataset.json, run.json   each written whole (store/atomic.py)
+  index/                         a compact index of the images rows (store/index.py) and
+                                 the journal of a compaction in progress (store/journal.py)
+  coco/                          COCO shards, one per part, and their index (store/coco_shards.py)
+  coco_results.json, coco_dataset.json, run.json   each written whole (store/atomic.py);
+                                 the two COCO files while OUT is small (store/coco_files.py)
   lock.json                      who holds OUT while a run is in progress (store/lock.py)
 
 A part's key is a hash of its image ids, so a retried task rewrites the same files. Local
 files are written under a dot-name and renamed; object stores publish an object only when
 its upload completes. An instances part without its images part is an interrupted batch:
 it is ignored and removed on the next run, and its images are processed again. The parts
-are written by the dataflow's writer tasks (refseg.pipeline.dataflow.writer).
+are written by the dataflow's writer tasks (refseg.pipeline.dataflow.writer); compaction
+(store/compaction.py) merges small parts into large ones of the same schema.
+
+A part's *stamp* is its (size in bytes, modification time in ns) as a listing reports them
+(local: stat; S3: the LIST response, so no request per file): the index and the COCO shards
+record the stamp of each part they were built from and rebuild what no longer matches.
 """
 
 from __future__ import annotations
@@ -28,10 +37,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from refseg.pipeline.schema import Col
 from refseg.pipeline.storage import Location, put_atomic
 
 __all__ = [
+    "Stamp",
+    "list_stamps",
+    "finished_stamps",
     "IMAGES_DIR",
     "INSTANCES_DIR",
     "PROPOSALS_DIR",
@@ -42,6 +53,7 @@ __all__ = [
     "cached_parts",
     "done_image_ids",
     "iter_tables",
+    "live_parts",
     "remove_orphans",
     "remove_temporaries",
 ]
@@ -62,18 +74,33 @@ def write_table(loc: Location, table: pa.Table) -> None:
     put_atomic(loc, buf.getvalue())
 
 
-def _list_parts(loc: Location) -> set[str]:
+#: (size in bytes, modification time in ns since the epoch; -1 where the store gives none)
+Stamp = tuple[int, int]
+
+
+def list_stamps(loc: Location) -> dict[str, Stamp]:
+    """``part-*.parquet`` files of the folder ``loc`` and their stamps: one listing
+    (on S3, one LIST request per 1,000 files), no request per file."""
     try:
         infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
     except (FileNotFoundError, OSError):
-        return set()
+        return {}
     return {
-        i.base_name
+        i.base_name: (int(i.size), int(i.mtime_ns) if i.mtime_ns is not None else -1)
         for i in infos
         if i.type == pafs.FileType.File
         and i.base_name.startswith("part-")
         and i.base_name.endswith(".parquet")
     }
+
+
+def finished_stamps(out: Location) -> dict[str, Stamp]:
+    """The finished parts (their images file exists) and the stamps of their images files."""
+    return list_stamps(out.child(IMAGES_DIR))
+
+
+def _list_parts(loc: Location) -> set[str]:
+    return set(list_stamps(loc))
 
 
 def has_parts(out: Location) -> bool:
@@ -100,7 +127,11 @@ def remove_orphans(out: Location) -> int:
     in earlier versions: it is removed too, so that its images run again rather than the
     COCO assembly failing on the missing part.
     """
+    from refseg.pipeline.store import index  # the index imports this module
+
     instances, images = _list_parts(out.child(INSTANCES_DIR)), _list_parts(out.child(IMAGES_DIR))
+    if images - instances:
+        index.forget(out, images - instances)  # before the parts go (store/index.py)
     for name in sorted(images - instances):  # the completion marker first
         out.fs.delete_file(out.child(IMAGES_DIR, name).path)
     finished = images & instances
@@ -118,7 +149,7 @@ def remove_temporaries(out: Location) -> int:
     if not out.is_local:
         return 0
     removed = 0
-    folders = (INSTANCES_DIR, IMAGES_DIR, PROPOSALS_DIR)
+    folders = (INSTANCES_DIR, IMAGES_DIR, PROPOSALS_DIR, "index", "coco")
     for folder in (out.path, *(out.child(f).path for f in folders)):
         try:
             names = os.listdir(folder)
@@ -132,21 +163,37 @@ def remove_temporaries(out: Location) -> int:
     return removed
 
 
-def _read_column(loc: Location, names: list[str], columns: list[str]) -> Iterator[pa.Table]:
-    for name in names:
-        with loc.fs.open_input_file(loc.child(name).path) as f:
-            yield pq.read_table(f, columns=columns)
-
-
 def done_image_ids(out: Location) -> np.ndarray:
-    """Sorted int64 ids of every image that already has finished output."""
-    parts = [
-        t.column(Col.IMAGE_ID).to_numpy()
-        for t in _read_column(out.child(IMAGES_DIR), finished_parts(out), [Col.IMAGE_ID])
-    ]
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    """Sorted int64 ids of every image that already has finished output (from OUT's index,
+    store/index.py: a few objects plus the parts written since it was updated)."""
+    from refseg.pipeline.store import index
+
+    return np.unique(index.load(out).ids)
 
 
 def iter_tables(out: Location, kind: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """Stream the finished parts of ``instances`` or ``images``, one part at a time."""
-    yield from _read_column(out.child(kind), finished_parts(out), columns)  # type: ignore[arg-type]
+    """Stream the rows of the finished parts of ``instances`` or ``images``.
+
+    ``images`` rows come from OUT's index (store/index.py), in tables of up to 64k rows;
+    ``instances`` parts are read a bounded number at a time (store/pool.py), in order.
+    """
+    from refseg.pipeline.store import index, pool
+
+    if kind == IMAGES_DIR:
+        rows = index.load(out).rows
+        rows = rows.select(columns) if columns else rows.drop_columns([index.PART])
+        yield from (pa.Table.from_batches([b]) for b in rows.to_batches(64 * 1024))
+        return
+    names = live_parts(out)
+    for _, table in pool.read_tables([out.child(kind, n) for n in names], columns):
+        yield table  # type: ignore[misc]
+
+
+def live_parts(out: Location) -> list[str]:
+    """The finished parts a reader should read: those of a compaction in progress whose rows
+    are already in its target left out (store/journal.py)."""
+    from refseg.pipeline.store import journal
+
+    finished = finished_parts(out)
+    hidden = journal.hidden(journal.read_journal(out), finished)
+    return [p for p in finished if p not in hidden]
