@@ -1,11 +1,14 @@
 """``refseg export``: a labelling run's instances as YOLO-seg, COCO or Label Studio files.
 
-Reads the run folder ``OUT`` (local path or URI) written by ``refseg label`` part by part:
-``images/part-*.parquet`` (completion markers; only ``status == "ok"`` images are exported)
-and the ``instances/part-*.parquet`` of the same name. Memory holds one part at a time.
+Reads the run folder ``OUT`` (local path or URI) written by ``refseg label`` part by part
+(jobs/run_read.py): the images rows from OUT's index (only ``status == "ok"`` images are
+exported) and the ``instances/part-*.parquet`` of the parts that hold them, a bounded number
+at a time. Memory holds a few parts at a time, at any corpus size.
 
-Score thresholds are applied at export: an instance is kept when its score is at least the
-threshold of its class (``--class-thresholds``), else at least ``--score-threshold``.
+A subset is chosen at export: an instance is kept when its score is at least the threshold
+of its class (``--class-thresholds``), else at least ``--score-threshold``, and its class is
+one of ``--categories`` (default: all); ``--images FILE`` keeps the images it lists (image
+ids or URIs, one per line), reading only the parts that hold them.
 
 Formats (written under ``--dest``, a local folder, default ``OUT/export-<format>``):
 
@@ -15,7 +18,8 @@ Formats (written under ``--dest``, a local folder, default ``OUT/export-<format>
   for an image without instances. ``data.yaml`` (class index = position in the sorted
   category ids) and ``images.txt`` (the images, in label order). ``--link-images`` links
   local images into ``images/`` so that Ultralytics' images -> labels path rule holds.
-* ``coco``: ``annotations.json``, a COCO dataset (RLE masks, ``score`` kept).
+* ``coco``: ``annotations.json``, a COCO dataset (RLE masks, ``score`` kept), streamed in
+  one pass over the parts (annotations spooled to a temporary file behind the images).
 * ``label-studio``: ``tasks.json`` (tasks with ``polygonlabels`` predictions, points in
   percent of the image size, ``model_version`` "refseg") and ``label_config.xml``. Region
   ids are ``<image_id>_<k>``, k the instance's rank in its image in the run, and each
@@ -26,27 +30,35 @@ Formats (written under ``--dest``, a local folder, default ``OUT/export-<format>
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import posixpath
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+import shutil
+import tempfile
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
 import numpy as np
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import yaml
 from refseg.core import rle as rle_ops
 from refseg.core.coco import write_json_array
 from refseg.core.polygon import mask_polygon
-from refseg.pipeline.storage import Location, resolve
+from refseg.jobs.export_select import (
+    Thresholds,
+    parse_categories,
+    parse_class_thresholds,
+    read_image_list,
+)
+from refseg.jobs.run_read import iter_images, run_categories
+from refseg.pipeline.storage import resolve
 from refseg.pipeline.store.atomic import atomic_text
-from refseg.pipeline.store.layout import IMAGES_DIR, INSTANCES_DIR, finished_parts
-from refseg.pipeline.store.record import read_run_record
+from refseg.pipeline.store.layout import IMAGES_DIR
 
 __all__ = [
     "FORMATS",
@@ -54,6 +66,7 @@ __all__ = [
     "Thresholds",
     "add_export_args",
     "export_run",
+    "iter_images",
     "parse_class_thresholds",
     "run_categories",
     "run_export",
@@ -62,108 +75,6 @@ __all__ = [
 
 FORMATS = ("yolo-seg", "coco", "label-studio")
 MODEL_VERSION = "refseg"
-_IMAGE_COLUMNS = ["image_id", "image_uri", "width", "height", "status"]
-_INSTANCE_COLUMNS = ["image_id", "category_id", "score", "bbox", "segmentation", "area"]
-
-
-# direction codes of pixel edges: 0 right, 1 down, 2 left, 3 up (image axes, y down)
-def parse_class_thresholds(spec: str | None) -> dict[str, float]:
-    """``"person=0.5,dog=0.3"`` or a YAML/JSON file mapping class name or id -> threshold."""
-    if not spec:
-        return {}
-    if os.path.isfile(spec) or spec.lower().endswith((".yaml", ".yml", ".json")):
-        try:
-            with open(spec, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"class thresholds file not found: {spec}") from None
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{spec} must map class names or ids to thresholds")
-        items = list(data.items())
-    else:
-        items = []
-        for part in filter(None, (s.strip() for s in spec.split(","))):
-            key, sep, value = part.rpartition("=")
-            if not sep or not key.strip():
-                raise ValueError(f"--class-thresholds entry {part!r} is not NAME=THRESHOLD")
-            items.append((key.strip(), value))
-    out: dict[str, float] = {}
-    for key, value in items:
-        try:
-            t = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"threshold of class {key!r} is not a number: {value!r}") from None
-        if not math.isfinite(t):
-            raise ValueError(f"threshold of class {key!r} must be finite, got {value!r}")
-        out[str(key)] = t
-    return out
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Per-class score thresholds (category id -> T) over a default; keep score >= T."""
-
-    default: float = 0.0
-    per_class: dict[int, float] = field(default_factory=dict)
-
-    @classmethod
-    def resolve(
-        cls, default: float, raw: Mapping[str, float], categories: Mapping[int, str]
-    ) -> Thresholds:
-        """Map name or id keys to category ids; a key naming no class raises ValueError."""
-        by_name = {name: cid for cid, name in categories.items()}
-        per: dict[int, float] = {}
-        for key, t in raw.items():
-            if key in by_name:
-                per[by_name[key]] = t
-            elif key.lstrip("-").isdigit() and int(key) in categories:
-                per[int(key)] = t
-            else:
-                known = ", ".join(f"{c}={n}" for c, n in sorted(categories.items()))
-                raise ValueError(f"--class-thresholds: no class {key!r} in the run ({known})")
-        return cls(float(default), per)
-
-    def keep(self, category_id: int, score: float) -> bool:
-        return score >= self.per_class.get(int(category_id), self.default)
-
-
-# --------------------------------------------------------------------------- reading a run
-
-
-def run_categories(out: Location) -> dict[int, str]:
-    """Category id -> name: the run's references (run.json) and every exported instance."""
-    cats: dict[int, str] = {}
-    for ref in (read_run_record(out) or {}).get("references") or []:
-        if "category_id" in ref:
-            cats[int(ref["category_id"])] = str(ref.get("category_name", ref["category_id"]))
-    for name in finished_parts(out):
-        table = _read(out.child(INSTANCES_DIR, name), ["category_id", "category_name"])
-        if table is not None:
-            ids, names = (table.column(c).to_pylist() for c in ("category_id", "category_name"))
-            for cid, cname in zip(ids, names, strict=True):
-                cats.setdefault(int(cid), str(cname) if cname is not None else str(cid))
-    return dict(sorted(cats.items()))
-
-
-def _read(loc: Location, columns: list[str]):
-    try:
-        with loc.fs.open_input_file(loc.path) as f:
-            return pq.read_table(f, columns=columns)
-    except FileNotFoundError:
-        return None
-
-
-def iter_images(out: Location) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
-    """(image row, its instance rows) of every ok image, one part in memory at a time."""
-    for name in finished_parts(out):
-        images = _read(out.child(IMAGES_DIR, name), _IMAGE_COLUMNS)
-        inst = _read(out.child(INSTANCES_DIR, name), _INSTANCE_COLUMNS)
-        by_image: dict[int, list[dict[str, Any]]] = {}
-        for row in inst.to_pylist() if inst is not None else []:
-            by_image.setdefault(int(row["image_id"]), []).append(row)
-        for img in images.to_pylist() if images is not None else []:
-            if img["status"] == "ok":
-                yield img, by_image.get(int(img["image_id"]), [])
 
 
 @dataclass
@@ -199,12 +110,15 @@ def _polygon(row: dict[str, Any]) -> np.ndarray:
 # --------------------------------------------------------------------------- writers
 
 
-def _write_yolo(out: Location, dest: Path, th: Thresholds, cats: dict[int, str], link: bool):
+Items = Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]
+
+
+def _write_yolo(items: Items, dest: Path, th: Thresholds, cats: dict[int, str], link: bool):
     s = ExportSummary("yolo-seg", str(dest))
     index = {cid: k for k, cid in enumerate(sorted(cats))}
     (dest / "labels").mkdir(parents=True, exist_ok=True)
     listed, used = [], set()
-    for img, rows in iter_images(out):
+    for img, rows in items:
         w, h = float(img["width"]), float(img["height"])
         lines = []
         for r in _kept(rows, th, s):
@@ -240,22 +154,19 @@ def _write_yolo(out: Location, dest: Path, th: Thresholds, cats: dict[int, str],
     return s
 
 
-def _write_coco(out: Location, dest: Path, th: Thresholds, cats: dict[int, str]):
+def _write_coco(items: Items, dest: Path, th: Thresholds, cats: dict[int, str]):
+    """One pass: images written as they come, annotations spooled to a temporary file and
+    appended behind them (memory: one part's rows)."""
     s = ExportSummary("coco", str(dest))
+    info = {"description": "refseg export", "thresholds": {"default": th.default}}
+    info["thresholds"]["per_class"] = {str(c): t for c, t in th.per_class.items()}
+    keep = cats if th.only is None else {c: n for c, n in cats.items() if c in th.only}
+    categories = [{"id": c, "name": n} for c, n in keep.items()]
 
-    def images() -> Iterator[dict[str, Any]]:
-        for img, _ in iter_images(out):
-            s.images += 1
-            yield {
-                "id": int(img["image_id"]),
-                "file_name": img["image_uri"],
-                "width": int(img["width"]),
-                "height": int(img["height"]),
-            }
-
-    def annotations() -> Iterator[dict[str, Any]]:
+    def images(spool: Any) -> Iterator[dict[str, Any]]:
         k = 0
-        for _, rows in iter_images(out):
+        for img, rows in items:
+            s.images += 1
             for r in _kept(rows, th, s):
                 k += 1
                 ann = {
@@ -270,26 +181,33 @@ def _write_coco(out: Location, dest: Path, th: Thresholds, cats: dict[int, str])
                 if r["segmentation"] is not None:
                     seg = r["segmentation"]
                     ann["segmentation"] = {"size": list(seg["size"]), "counts": seg["counts"]}
-                yield ann
+                spool.write(("," if k > 1 else "") + "\n" + json.dumps(ann, allow_nan=False))
+            yield {
+                "id": int(img["image_id"]),
+                "file_name": img["image_uri"],
+                "width": int(img["width"]),
+                "height": int(img["height"]),
+            }
 
-    info = {"description": "refseg export", "thresholds": {"default": th.default}}
-    info["thresholds"]["per_class"] = {str(c): t for c, t in th.per_class.items()}
-    categories = [{"id": c, "name": n} for c, n in cats.items()]
-    with atomic_text(resolve(str(dest / "annotations.json"))) as f:
+    with (
+        atomic_text(resolve(str(dest / "annotations.json"))) as f,
+        tempfile.TemporaryFile("w+", encoding="utf-8") as spool,
+    ):
         f.write(f'{{"info": {json.dumps(info)}, "categories": {json.dumps(categories)}, ')
         f.write('"images": ')
-        write_json_array(f.write, images())
-        f.write(', "annotations": ')
-        write_json_array(f.write, annotations())
-        f.write("}\n")
+        write_json_array(f.write, images(spool))
+        f.write(', "annotations": [')
+        spool.seek(0)
+        shutil.copyfileobj(spool, f)
+        f.write("\n]}\n" if s.kept else "]}\n")
     return s
 
 
-def _write_label_studio(out: Location, dest: Path, th: Thresholds, cats: dict[int, str]):
+def _write_label_studio(items: Items, dest: Path, th: Thresholds, cats: dict[int, str]):
     s = ExportSummary("label-studio", str(dest))
 
     def tasks() -> Iterator[dict[str, Any]]:
-        for img, rows in iter_images(out):
+        for img, rows in items:
             s.images += 1
             w, h = int(img["width"]), int(img["height"])
             results, shown = [], []
@@ -331,8 +249,14 @@ def export_run(
     class_thresholds: str | Mapping[str, float] | None = None,
     link_images: bool = False,
     s3_endpoint: str | None = None,
+    categories: str | None = None,
+    images: str | Collection[int] | None = None,
 ) -> ExportSummary:
-    """Export the run folder ``out`` in format ``fmt`` (one of ``FORMATS``) into ``dest``."""
+    """Export the run folder ``out`` in format ``fmt`` (one of ``FORMATS``) into ``dest``.
+
+    ``categories``: class names or ids to keep (``"person,3"``); ``images``: a file of image
+    ids or URIs, or the ids, to keep (module docstring).
+    """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not math.isfinite(score_threshold):
@@ -351,13 +275,16 @@ def export_run(
     )
     cats = run_categories(loc)
     th = Thresholds.resolve(score_threshold, {str(k): v for k, v in raw.items()}, cats)
+    th = dataclasses.replace(th, only=parse_categories(categories, cats))
+    ids, uris = read_image_list(images) if isinstance(images, str) else (images, None)
+    items = iter_images(loc, image_ids=ids, image_uris=uris)
     path = Path(dest)
     path.mkdir(parents=True, exist_ok=True)
     if fmt == "yolo-seg":
-        return _write_yolo(loc, path, th, cats, link_images)
+        return _write_yolo(items, path, th, cats, link_images)
     if fmt == "coco":
-        return _write_coco(loc, path, th, cats)
-    return _write_label_studio(loc, path, th, cats)
+        return _write_coco(items, path, th, cats)
+    return _write_label_studio(items, path, th, cats)
 
 
 def add_export_args(parser: argparse.ArgumentParser) -> None:
@@ -378,6 +305,14 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
         "YAML/JSON file mapping class name or id to a threshold",
     )  # fmt: skip
     parser.add_argument(
+        "--categories", metavar="NAMES", default=None,
+        help='keep only these classes: names or ids, comma-separated ("person,dog")',
+    )  # fmt: skip
+    parser.add_argument(
+        "--images", metavar="FILE", default=None,
+        help="keep only the images FILE lists: image ids or URIs, one per line",
+    )  # fmt: skip
+    parser.add_argument(
         "--link-images", action="store_true",
         help="yolo-seg: symlink local images into DEST/images/ beside DEST/labels/",
     )  # fmt: skip
@@ -394,6 +329,8 @@ def run_export(args: argparse.Namespace) -> int:
         class_thresholds=args.class_thresholds,
         link_images=args.link_images,
         s3_endpoint=getattr(args, "s3_endpoint", None),
+        categories=getattr(args, "categories", None),
+        images=getattr(args, "images", None),
     )
     print(summary.line())
     return 0

@@ -42,8 +42,8 @@ import numpy as np
 import pyarrow.fs as pafs
 from refseg.core import rle as rle_ops
 from refseg.jobs.cmd_memory import KIND_KEY, write_bytes
-from refseg.jobs.export import iter_images, run_categories
 from refseg.jobs.label_studio import chosen_annotation, region_label, region_mask
+from refseg.jobs.run_read import iter_images, run_categories
 from refseg.pipeline.schema import image_id_from_uri
 from refseg.pipeline.storage import Location, resolve
 from refseg.pipeline.store.layout import IMAGES_DIR, iter_tables
@@ -117,8 +117,8 @@ def _read_text(uri: str) -> str:
 
 def _run_images(out: Location, wanted: set[int]) -> dict[int, tuple[dict, list[dict]]]:
     """(images row, instance rows in run order) of the wanted ok images of the run."""
-    return {int(img["image_id"]): (img, rows) for img, rows in iter_images(out)
-            if int(img["image_id"]) in wanted}  # fmt: skip
+    return {int(img["image_id"]): (img, rows)
+            for img, rows in iter_images(out, image_ids=wanted)}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- CSV
