@@ -181,13 +181,40 @@ def _list_prefix(loc: Location, *, all_files: bool, out: Location | None) -> Lis
     return Listing.of(uris, ids, [found[u][0] for u in uris], [found[u][1] for u in uris])
 
 
-def _manifest_uris(src: ImageSource) -> tuple[list[str], np.ndarray | None]:
-    """URIs (and ids, when the manifest has them) listed by a text or Parquet manifest."""
+#: Parquet manifest columns that give each file's size (bytes) and modification time: an
+#: integer of ns since the epoch, or a timestamp (as in an S3 Inventory report).
+SIZE_COLUMNS = (Col.FILE_SIZE, "size")
+MTIME_COLUMNS = (Col.FILE_MTIME, "mtime_ns", "last_modified_date", "last_modified", "mtime")
+
+
+def _manifest_stats(table: pa.Table, what: str) -> np.ndarray | None:
+    """(n, 2) int64 size and mtime in ns of each manifest row (-1: null), or None when the
+    manifest does not carry both."""
+    size = next((c for c in SIZE_COLUMNS if c in table.column_names), None)
+    mtime = next((c for c in MTIME_COLUMNS if c in table.column_names), None)
+    if size is None or mtime is None:
+        return None
+    t = table.column(mtime)
+    if pa.types.is_timestamp(t.type):
+        t = t.cast(pa.timestamp("ns", tz=t.type.tz)).cast(pa.int64())
+    elif not pa.types.is_integer(t.type) or mtime not in (Col.FILE_MTIME, "mtime_ns"):
+        raise ValueError(
+            f"{what}: column {mtime!r} must be a timestamp, or integer ns in "
+            f"{Col.FILE_MTIME!r} / 'mtime_ns' (it is {t.type})"
+        )
+    cols = [table.column(size).cast(pa.int64()), t]
+    return np.stack([np.asarray(c.fill_null(-1).to_numpy(), np.int64) for c in cols], axis=1)
+
+
+def _manifest_uris(src: ImageSource) -> tuple[list[str], np.ndarray | None, np.ndarray | None]:
+    """URIs, ids (when the manifest has them) and (n, 2) sizes and mtimes (when a Parquet
+    manifest carries them: ``SIZE_COLUMNS``, ``MTIME_COLUMNS``) of a text or Parquet
+    manifest."""
     loc = resolve(src.images, s3_endpoint=src.s3_endpoint)
     if src.kind == "manifest-text":
         with loc.fs.open_input_stream(loc.path) as f:
             lines = f.read().decode("utf-8").splitlines()
-        return [u.strip() for u in lines if u.strip()], None
+        return [u.strip() for u in lines if u.strip()], None, None
     table = pq.read_table(loc.path, filesystem=loc.fs)
     col = "uri" if "uri" in table.column_names else Col.IMAGE_URI
     if col not in table.column_names:
@@ -197,7 +224,7 @@ def _manifest_uris(src: ImageSource) -> tuple[list[str], np.ndarray | None]:
         )
     uris = [str(u).strip() for u in table.column(col).to_pylist()]
     ids = table.column(Col.IMAGE_ID).to_numpy() if Col.IMAGE_ID in table.column_names else None
-    return uris, ids
+    return uris, ids, _manifest_stats(table, f"--images {src.images}")
 
 
 def _entries(src: ImageSource, out: Location | None) -> Listing:
@@ -207,6 +234,7 @@ def _entries(src: ImageSource, out: Location | None) -> Listing:
             resolve(src.images, s3_endpoint=src.s3_endpoint), all_files=src.all_files, out=out
         )
     ids: np.ndarray | None
+    stats = None
     if src.kind == "coco":
         what = f"--targets {src.targets}"
         images = load_coco(src.targets)["images"]  # type: ignore[arg-type]
@@ -220,11 +248,18 @@ def _entries(src: ImageSource, out: Location | None) -> Listing:
         ids = np.asarray([int(im["id"]) for im in images], dtype=np.int64)
     else:
         what = f"--images {src.images}"
-        raw, ids = _manifest_uris(src)
+        raw, ids, stats = _manifest_uris(src)
         names = raw
     given = ids is not None
-    uris, ids = unique([canonical_uri(u) for u in raw], ids, names=names, what=what)
+    canon = [canonical_uri(u) for u in raw]
+    uris, ids = unique(canon, ids, names=names, what=what)
     listing = dataclasses.replace(Listing.of(uris, ids), ids_given=given)
+    if stats is not None:  # the manifest's own sizes and times: no request per file
+        first = {u: k for k, u in reversed(list(enumerate(canon)))}
+        at = np.asarray([first[u] for u in uris], dtype=np.int64)
+        listing = dataclasses.replace(
+            listing, sizes=stats[at, 0].copy(), mtimes=stats[at, 1].copy()
+        )
     if out is not None:
         out_uri = canonical_uri(out.uri)
         inside = np.asarray([is_under(u, out_uri) for u in uris], dtype=bool)
@@ -266,9 +301,11 @@ def _stat(uri: str, s3_endpoint: str | None) -> tuple[int, int]:
 def list_targets(src: ImageSource, *, out: Location | None = None) -> Listing:
     """The run's targets: each file once, under its canonical URI, with its size and time.
 
-    A folder or prefix listing gives the sizes and times; manifest and COCO entries are
-    asked for them (local: a stat each; object stores: one request each, STAT_THREADS at a
-    time). Files of ``out`` are never listed.
+    A folder or prefix listing gives the sizes and times, and so does a Parquet manifest
+    that carries them (``SIZE_COLUMNS`` and ``MTIME_COLUMNS``, e.g. an S3 Inventory
+    report); other manifest and COCO entries are asked for them (local: a stat each;
+    object stores: one request each, STAT_THREADS at a time). Files of ``out`` are never
+    listed.
 
     Raises:
         ValueError / FileNotFoundError: the source names no image, or names them wrongly.
@@ -279,11 +316,14 @@ def list_targets(src: ImageSource, *, out: Location | None = None) -> Listing:
         raise ValueError(
             f"--images {src.images}: no image found; looked for {', '.join(IMAGE_EXTENSIONS)}{hint}"
         )
-    if src.kind != "prefix":
+    unknown = np.nonzero((listing.sizes < 0) | (listing.mtimes < 0))[0]
+    if src.kind != "prefix" and len(unknown):
         with ThreadPoolExecutor(STAT_THREADS) as pool:
-            stats = list(pool.map(lambda u: _stat(u, src.s3_endpoint), listing.uris))
+            stats = list(pool.map(lambda k: _stat(listing.uris[k], src.s3_endpoint), unknown))
         arr = np.asarray(stats, dtype=np.int64).reshape(-1, 2)
-        listing = dataclasses.replace(listing, sizes=arr[:, 0].copy(), mtimes=arr[:, 1].copy())
+        sizes, mtimes = listing.sizes.copy(), listing.mtimes.copy()
+        sizes[unknown], mtimes[unknown] = arr[:, 0], arr[:, 1]
+        listing = dataclasses.replace(listing, sizes=sizes, mtimes=mtimes)
     return listing
 
 
