@@ -15,6 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from refseg.core import coco
+from refseg.pipeline.storage import Location, resolve
+from refseg.pipeline.store import index, journal, layout
 
 THUMB_SIDE = 512  # long side of an overlay, px
 REF_SIDE = 160  # long side of a reference crop, px
@@ -49,16 +51,38 @@ def _join(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/"), *parts)
 
 
+def _store(out: str) -> Location | None:
+    """OUT as refseg's store sees it, for a local path, s3:// or gs:// (else None)."""
+    try:
+        return resolve(out)
+    except ValueError:  # another fsspec scheme (memory://, ...): a folder of Parquet files
+        return None
+
+
 def _parquet_dataset(out: str, sub: str) -> ds.Dataset | None:
-    """The ``OUT/sub/*.parquet`` files as one dataset, or None when there are none."""
+    """The ``OUT/sub/*.parquet`` files as one dataset, or None when there are none.
+
+    pyarrow's scanner reads the files a bounded number at a time. On a refseg OUT, the
+    ``images`` rows come from its index once it has one (refseg.pipeline.store.index: a
+    few objects plus the parts written since), and parts of a compaction in progress whose
+    rows are already in its target are left out.
+    """
     fs, root = fsspec.core.url_to_fs(_join(out, sub))
     if not fs.isdir(root):
         return None
+    loc = _store(out)
+    if loc is not None and sub == layout.IMAGES_DIR and index.read_pointer(loc).parts:
+        return ds.dataset(index.load(loc).rows.drop_columns([index.PART]))
+    hidden = set()
+    if loc is not None:
+        hidden = journal.hidden(journal.read_journal(loc), layout.finished_parts(loc))
     names = sorted(fs.ls(root, detail=False))
     files = [
         p
         for p in names
-        if p.endswith(".parquet") and not posixpath.basename(p).startswith(("_", "."))
+        if p.endswith(".parquet")
+        and not posixpath.basename(p).startswith(("_", "."))
+        and posixpath.basename(p) not in hidden
     ]
     return ds.dataset(files, filesystem=fs, format="parquet") if files else None
 

@@ -139,3 +139,25 @@ def test_a_kill_at_any_change_of_a_compaction_loses_and_doubles_nothing(
     else:
         pytest.fail("never finished")
     assert kills >= 20  # the journal, each target file, each deletion, the index
+
+
+def test_export_and_report_see_each_image_once_while_a_killed_compaction_waits(
+    tmp_path, small_bounds
+):
+    from refseg.jobs import report_data
+    from refseg.jobs.export import export_run
+
+    root = tmp_path / "out"
+    make_parts(local(root), 8, per_part=2)
+    redo.settle(local(root), compact=False)
+    probe = KillFS(tmp_path / "probe")
+    shutil.copytree(root, tmp_path / "probe")
+    compaction.compact(probe.out)
+    first_delete = next(k for k, (what, path) in enumerate(probe.log, 1) if what == "delete")
+    with pytest.raises(Killed):  # the target is whole, no source deleted yet
+        compaction.compact(KillFS(root, kill_at=first_delete).out)
+    assert len(_parts(root)) == 5 and journal.read_journal(local(root))
+    summary = export_run(str(root), "coco", dest=str(tmp_path / "coco"))
+    assert (summary.images, summary.kept) == (8, 16)
+    for sub, n in (("images", 8), ("instances", 16)):
+        assert report_data._parquet_dataset(str(root), sub).count_rows() == n
