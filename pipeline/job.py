@@ -1,36 +1,31 @@
-"""The labelling job: resume state, Ray start-up, the graph, outputs and the run record."""
+"""``refseg label``: the labelling job (images -> SAM2 -> DINOv2 -> OUT) on the job skeleton.
+
+The skeleton (refseg.pipeline.run) holds OUT, records the fingerprint, runs the graph and
+writes the record; this module says what is particular to labelling: its source of
+images, what a rerun redoes (store/redo.py), and its run.json fields.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
 from refseg.core.checkpoints import resolve_checkpoint
 from refseg.core.coco import load_coco
 from refseg.core.config import MethodConfig, ModelConfig
 from refseg.core.memory_bank import MemoryBank
-from refseg.pipeline.dataflow.graph import build_graph
+from refseg.pipeline.dataflow.graph import LabelStages
 from refseg.pipeline.dataflow.proposal_cache import cache_record
-from refseg.pipeline.dataflow.settings import PipelineSettings
+from refseg.pipeline.dataflow.settings import PipelineSettings, Resources
 from refseg.pipeline.dataflow.sources import ImageSource, NothingToDo, list_targets, read_source
-from refseg.pipeline.run_steps import (
-    check_reachable,
-    complete_record,
-    config_fingerprint,
-    drain,
-    new_counts,
-)
+from refseg.pipeline.run import JobSummary, LabelSummary, Todo, ensure_ray, run_job
+from refseg.pipeline.run_steps import check_reachable
 from refseg.pipeline.storage import Location, resolve
 from refseg.pipeline.store import layout
-from refseg.pipeline.store.lock import hold_out
-from refseg.pipeline.store.progress import ProgressOptions, ProgressReporter, reporting
-from refseg.pipeline.store.record import package_versions, start_record, write_run_record
-from refseg.pipeline.store.redo import begin_run, settle
+from refseg.pipeline.store.progress import ProgressOptions, ProgressReporter
+from refseg.pipeline.store.record import package_versions
+from refseg.pipeline.store.redo import plan_rerun
 
 __all__ = ["LabelJob", "LabelSummary", "run_label", "ensure_ray"]
 
@@ -39,6 +34,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LabelJob:
+    """One ``refseg label`` run: images from ``source`` labelled into ``out``."""
+
     memory: str
     source: ImageSource
     out: str
@@ -55,40 +52,71 @@ class LabelJob:
     # SHA-256 of the checkpoints the models load, as resolved before the run (official
     # defaults included); None: only the explicitly given checkpoints are hashed
     checkpoints: dict[str, str | None] | None = None
-
-
-@dataclass(frozen=True)
-class LabelSummary:
-    images: int
-    ok: int
-    errors: int
-    instances: int
-    seconds: float
-    skipped_done: int
-    out: str
+    command = "label"
 
     @property
-    def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
+    def s3_endpoint(self) -> str | None:
+        return self.source.s3_endpoint
 
-    def line(self) -> str:
-        return (
-            f"refseg label: {self.images} images ({self.ok} ok, {self.errors} errors), "
-            f"{self.instances} instances, {self.images_per_second:.2f} images/s, "
-            f"{self.skipped_done} already done; outputs in {self.out}"
-        )
+    def check_inputs(self, out: Location, bank: MemoryBank) -> None:
+        check_reachable(resolve(self.source.images, s3_endpoint=self.s3_endpoint), "images")
+        bank.check_encoder(self.model.dinov2_model, self.model.dinov2_image_size)
+        _warn_categories(self, bank)
+
+    def start_fields(self, bank_sha: str) -> dict[str, Any]:
+        """What run.json says before the first part is written (store/record.py)."""
+        return {
+            "preset": self.preset,
+            "config": {
+                "model": self.model,
+                "method": self.method,
+                "pipeline": self.settings,
+                "memory": self.memory,
+                "source": self.source,
+                "out": self.out,
+            },
+            "random_weights": self.model.random_weights,
+            "memory_bank": {"sha256": bank_sha},
+            "versions": package_versions(),
+        }
+
+    def plan(self, out: Location) -> Todo:
+        _check_cache_resume(out, self.cache_proposals)
+        plan = plan_rerun(out, list_targets(self.source, out=out), retry_errors=self.retry_errors)
+
+        def source(progress: ProgressReporter) -> Any:
+            try:
+                return read_source(
+                    self.source,
+                    done=plan.done,
+                    fetch_cpus=self.settings.decode_cpus,
+                    listing=plan.listing,
+                    on_listed=progress.set_total,
+                )
+            except NothingToDo as exc:
+                log.info("%s", exc)
+                return None
+
+        counts = {
+            "redone": {"changed": plan.changed, "errors_retried": plan.retried},
+            "duplicate_rows_removed": plan.duplicates,
+        }
+        return Todo(plan.done, source, counts)
+
+    def stages(self, bank_bytes: bytes) -> LabelStages:
+        return LabelStages(self.model, self.method, bank_bytes, self.cache_proposals)
+
+    def finish_record(self, record: dict[str, Any], resources: Resources) -> None:
+        record["config"]["source"] = self.source
+        record["checkpoints"] = _checkpoint_hashes(self.model)
+        if self.cache_proposals:
+            hashes = self.checkpoints or _checkpoint_hashes(self.model)
+            record["proposal_cache"] = cache_record(self.model, self.method, hashes)
 
 
-def ensure_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None) -> None:
-    """Connect to RAY_ADDRESS when set, else start a local Ray (the embedded default)."""
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    runtime_env = {"env_vars": env_vars} if env_vars else None
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
-    else:
-        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False)
+def run_label(job: LabelJob) -> JobSummary:
+    """Run (or resume) a labelling job; returns the counts of this run (refseg.pipeline.run)."""
+    return run_job(job)
 
 
 def _checkpoint_hashes(model: ModelConfig) -> dict[str, str | None]:
@@ -119,160 +147,6 @@ def _warn_categories(job: LabelJob, bank: MemoryBank) -> None:
             {c: cats[c] for c in unknown},
             bank.names,
         )
-
-
-def _start_fields(job: LabelJob, bank_sha: str) -> dict[str, Any]:
-    """What run.json says before the first part is written (pipeline/run_record.py)."""
-    return {
-        "preset": job.preset,
-        "config": {
-            "model": job.model,
-            "method": job.method,
-            "pipeline": job.settings,
-            "memory": job.memory,
-            "source": job.source,
-            "out": job.out,
-        },
-        "random_weights": job.model.random_weights,
-        "memory_bank": {"sha256": bank_sha},
-        "versions": package_versions(),
-    }
-
-
-class _NoBarsNote(logging.Filter):
-    """Drops Ray Data's "Progress bars disabled. To enable, set DataContext..." note."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Progress bars disabled")
-
-
-def _ray_bars(show: bool) -> None:
-    """Ray Data's per-operator bars on or off (off: the job's own bar; --ray-progress: on)."""
-    ray.data.DataContext.get_current().enable_progress_bars = show
-    note = logging.getLogger("ray.data._internal.progress")
-    if not any(isinstance(f, _NoBarsNote) for f in note.filters):
-        note.addFilter(_NoBarsNote())
-
-
-def run_label(job: LabelJob) -> LabelSummary:
-    """Run (or resume) a labelling job; returns the counts of this run.
-
-    The run holds OUT (pipeline/lock.py) from before its first change to OUT to its last;
-    a second run on the same OUT is refused with an ``OutLockedError``. Progress goes to
-    stderr and to OUT/progress.json (see :mod:`refseg.pipeline.store.progress`), from when
-    OUT is held.
-    """
-    with reporting(job.progress) as progress:
-        return _run_label(job, progress)
-
-
-def _run_label(job: LabelJob, progress: ProgressReporter) -> LabelSummary:
-    t0 = time.perf_counter()
-    out = resolve(job.out, s3_endpoint=job.source.s3_endpoint)
-    check_reachable(out, "output location")
-    check_reachable(resolve(job.source.images, s3_endpoint=job.source.s3_endpoint), "images")
-    bank = MemoryBank.load(job.memory)
-    bank.check_encoder(job.model.dinov2_model, job.model.dinov2_image_size)
-    _warn_categories(job, bank)
-    with hold_out(out, take_over=job.take_over_lock) as lock:
-        return _run_holding_out(job, out, bank, lock, t0, progress)
-
-
-def _run_holding_out(
-    job: LabelJob,
-    out: Location,
-    bank: MemoryBank,
-    lock: Any,
-    t0: float,
-    progress: ProgressReporter,
-) -> LabelSummary:
-    progress.start(out)  # OUT is held: this run's progress.json
-    bank_bytes = bank.to_bytes()
-    bank_sha = hashlib.sha256(bank_bytes).hexdigest()
-    fingerprint = config_fingerprint(job, bank_sha)
-    _check_cache_resume(out, job.cache_proposals)
-    # fingerprint and run.json before any change; clean-up, targets and what runs again
-    plan = begin_run(
-        out,
-        start_record(fingerprint, _start_fields(job, bank_sha)),
-        lambda: list_targets(job.source, out=out),
-        retry_errors=job.retry_errors,
-    )
-    done = plan.done
-    progress.set_already_done(len(done))
-
-    env = {}
-    if job.source.s3_endpoint:
-        env["AWS_ENDPOINT_URL"] = job.source.s3_endpoint
-    ensure_ray(job.num_cpus, env or None)
-    _ray_bars(job.progress.ray_bars)
-    res = job.settings.resolve(
-        ray.cluster_resources().get("GPU", 0), ray.cluster_resources().get("CPU", 1)
-    )
-    counts = new_counts()
-    try:
-        source = read_source(
-            job.source,
-            done=done,
-            fetch_cpus=job.settings.decode_cpus,
-            listing=plan.listing,
-            on_listed=progress.set_total,
-        )
-        ds = build_graph(
-            source,
-            model=job.model,
-            method=job.method,
-            bank_bytes=bank_bytes,
-            settings=job.settings,
-            resources=res,
-            out=out,
-            cache_proposals=job.cache_proposals,
-        )
-        drain(ds, out, progress, counts)
-    except NothingToDo as exc:
-        log.info("%s", exc)
-    seconds = time.perf_counter() - t0
-    lock.check()  # a run whose S3 lease was taken over writes no final file
-    settle(out)  # one row per image even if a killed run's workers wrote late
-    record = complete_record(
-        out,
-        fingerprint=fingerprint,
-        preset=job.preset,
-        config={
-            "model": job.model,
-            "method": job.method,
-            "pipeline": job.settings,
-            "resources": res,
-            "memory": job.memory,
-            "source": job.source,
-            "out": job.out,
-        },
-        random_weights=job.model.random_weights,
-        checkpoints=_checkpoint_hashes(job.model),
-        bank=bank,
-        bank_sha=bank_sha,
-        counts=counts,
-        more_counts={
-            "skipped_done": len(done),
-            "redone": {"changed": plan.changed, "errors_retried": plan.retried},
-            "duplicate_rows_removed": plan.duplicates,
-        },
-        seconds=seconds,
-    )
-    if job.cache_proposals:
-        hashes = job.checkpoints or _checkpoint_hashes(job.model)
-        record["proposal_cache"] = cache_record(job.model, job.method, hashes)
-    write_run_record(out, record)
-    progress.finish("done")
-    return LabelSummary(
-        counts["images"],
-        counts["ok"],
-        counts["errors"],
-        counts["instances"],
-        seconds,
-        len(done),
-        out.uri,
-    )
 
 
 def _check_cache_resume(out: Location, cache_proposals: bool) -> None:

@@ -13,49 +13,29 @@ the same NEW_OUT processes only images without finished output.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-import ray
 import ray.data
-from ray.data import ActorPoolStrategy
 from refseg.core.config import MethodConfig, ModelConfig
 from refseg.core.memory_bank import MemoryBank
+from refseg.pipeline.dataflow.graph import RematchStages
 from refseg.pipeline.dataflow.proposal_cache import (
     CACHE_FORMAT,
     PROPOSALS_DIR,
-    read_cache_parts,
     shaping_method,
     shaping_model,
 )
 from refseg.pipeline.dataflow.settings import PipelineSettings, Resources
-from refseg.pipeline.dataflow.stages import RematchStage
-from refseg.pipeline.dataflow.writer import write_parts
-from refseg.pipeline.job import LabelSummary, ensure_ray
-from refseg.pipeline.run_steps import (
-    check_reachable,
-    complete_record,
-    config_fingerprint,
-    drain,
-    new_counts,
-)
+from refseg.pipeline.run import JobSummary, Todo, run_job
 from refseg.pipeline.schema import Col
 from refseg.pipeline.storage import Location, resolve
 from refseg.pipeline.store import layout
-from refseg.pipeline.store.lock import hold_out
-from refseg.pipeline.store.progress import ProgressOptions, ProgressReporter, reporting
-from refseg.pipeline.store.record import (
-    check_fingerprint,
-    read_run_record,
-    start_record,
-    write_run_record,
-)
-from refseg.pipeline.store.redo import settle
+from refseg.pipeline.store.progress import ProgressOptions, ProgressReporter
+from refseg.pipeline.store.record import read_run_record
 
 __all__ = [
     "ProposalCache",
@@ -195,6 +175,8 @@ def _norm(v: Any) -> Any:
 
 @dataclass(frozen=True)
 class RematchJob:
+    """One ``refseg rematch`` run: the cached proposals of ``cache`` matched into ``out``."""
+
     cache: ProposalCache
     memory: str
     out: str
@@ -206,22 +188,43 @@ class RematchJob:
     s3_endpoint: str | None = None
     take_over_lock: bool = False  # take over an S3 lease another run holds (lock.py)
     progress: ProgressOptions = field(default_factory=ProgressOptions)
+    command = "rematch"
 
+    def check_inputs(self, out: Location, bank: MemoryBank) -> None:
+        runs = {self.cache.run.uri.rstrip("/"), self.cache.location.uri.rstrip("/")}
+        if out.uri.rstrip("/") in runs:
+            raise ValueError(f"--out {out.uri} is the run being rematched: choose a new folder")
 
-#: torch threads per rematch actor on CPU: matching without DINOv2 is many small tensor
-#: operations, which extra threads slow down (BENCHMARKS.md, section 6).
-CPU_MATCH_THREADS = 1
+    def start_fields(self, bank_sha: str) -> dict[str, Any]:
+        return {"preset": self.preset, "rematch": {"run": self.cache.run.uri}}
 
+    def plan(self, out: Location) -> Todo:
+        done = layout.done_image_ids(out)
+        items, todo = _plan(self.cache, done)
+        cached = self.cache.record.get("counts", {}).get("total", {}).get("images")
 
-def _resources(settings: PipelineSettings, gpus: float, cpus: float) -> Resources:
-    """One actor pool: matching gets every GPU; on CPU one actor of one torch thread."""
-    res = settings.resolve(gpus, cpus)
-    if res.device == "cuda":
-        per = settings.gpus_per_actor or 1.0
-        actors = settings.match_actors or max(1, int(gpus / per))
-        return dataclasses.replace(res, match_actors=actors, gpus_per_match_actor=per)
-    threads = settings.match_torch_threads or settings.torch_threads or CPU_MATCH_THREADS
-    return dataclasses.replace(res, match_torch_threads=threads)
+        def source(progress: ProgressReporter) -> ray.data.Dataset | None:
+            progress.set_total(None if cached is None else max(0, int(cached) - len(done)))
+            if not todo:
+                log.info("all images of the cache already have output in %s", out.uri)
+                return None
+            return ray.data.from_items(items, override_num_blocks=len(items))
+
+        return Todo(done, source)
+
+    def stages(self, bank_bytes: bytes) -> RematchStages:
+        return RematchStages(self.method, bank_bytes, self.cache.location)
+
+    def finish_record(self, record: dict[str, Any], resources: Resources) -> None:
+        """run.json as ``refseg label`` writes it, plus where the cache is."""
+        cached = self.cache.record
+        record["config"]["source"] = {"rematch_of": self.cache.run.uri}
+        record["checkpoints"] = cached.get("checkpoints")
+        record["rematch"] = {
+            "run": self.cache.run.uri,
+            "cache_fingerprint": cached.get("fingerprint"),
+        }
+        record["proposal_cache"] = {**self.cache.info, "location": self.cache.location.uri}
 
 
 def _plan(cache: ProposalCache, done: np.ndarray) -> tuple[list[dict[str, Any]], int]:
@@ -242,134 +245,8 @@ def _plan(cache: ProposalCache, done: np.ndarray) -> tuple[list[dict[str, Any]],
     return items, n
 
 
-def run_rematch(job: RematchJob) -> LabelSummary:
-    """Run (or resume) a rematch; returns the counts of this run.
-
-    As ``refseg label`` does: the run holds NEW_OUT (pipeline/lock.py), records its
-    fingerprint there before the first part, and reports progress (pipeline/progress.py).
-    """
-    with reporting(job.progress) as progress:
-        return _run_rematch(job, progress)
-
-
-def _run_rematch(job: RematchJob, progress: ProgressReporter) -> LabelSummary:
-    t0 = time.perf_counter()
-    out = resolve(job.out, s3_endpoint=job.s3_endpoint)
-    check_reachable(out, "output location")
-    if out.uri.rstrip("/") in {job.cache.run.uri.rstrip("/"), job.cache.location.uri.rstrip("/")}:
-        raise ValueError(f"--out {out.uri} is the run being rematched: choose a new folder")
-    bank = MemoryBank.load(job.memory)
-    with hold_out(out, take_over=job.take_over_lock) as lock:
-        progress.start(out)
-        bank_bytes = bank.to_bytes()
-        bank_sha = hashlib.sha256(bank_bytes).hexdigest()
-        fingerprint = config_fingerprint(job, bank_sha)  # type: ignore[arg-type]
-        recorded = check_fingerprint(out, fingerprint, has_parts=layout.has_parts(out))
-        if recorded != fingerprint:  # before the first part, as refseg label does
-            start = {"preset": job.preset, "rematch": {"run": job.cache.run.uri}}
-            write_run_record(out, start_record(fingerprint, start))
-        layout.remove_temporaries(out)
-        removed = layout.remove_orphans(out)
-        if removed:
-            log.warning("removed %d parts of interrupted batches; their images run again", removed)
-        done = layout.done_image_ids(out)
-        progress.set_already_done(len(done))
-        items, todo = _plan(job.cache, done)
-        cached = job.cache.record.get("counts", {}).get("total", {}).get("images")
-        progress.set_total(None if cached is None else max(0, int(cached) - len(done)))
-        env = {"AWS_ENDPOINT_URL": job.s3_endpoint} if job.s3_endpoint else None
-        ensure_ray(job.num_cpus, env)
-        cluster = ray.cluster_resources()
-        res = _resources(job.settings, cluster.get("GPU", 0), cluster.get("CPU", 1))
-        counts = new_counts()
-        if todo:
-            ds = _graph(items, job, bank_bytes, res, out)
-            drain(ds, out, progress, counts)
-        else:
-            log.info("all images of the cache already have output in %s", out.uri)
-        lock.check()  # a run whose S3 lease was taken over writes no final file
-        settle(out)  # one row per image even if a killed run's workers wrote late
-        _write_record(job, out, bank, bank_sha, fingerprint, res, counts, len(done), t0)
-        progress.finish("done")
-    return LabelSummary(
-        counts["images"],
-        counts["ok"],
-        counts["errors"],
-        counts["instances"],
-        time.perf_counter() - t0,
-        len(done),
-        out.uri,
-    )
-
-
-def _graph(
-    items: list[dict[str, Any]],
-    job: RematchJob,
-    bank_bytes: bytes,
-    res: Resources,
-    out: Location,
-) -> ray.data.Dataset:
-    s = job.settings
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        read_cache_parts,
-        fn_kwargs={"cache": job.cache.location},
-        batch_size=1,
-        num_cpus=s.decode_cpus,
-    )
-    ds = ds.map_batches(
-        RematchStage,
-        fn_constructor_kwargs={
-            "method": job.method,
-            "bank_bytes": bank_bytes,  # once per actor, never with each batch
-            "device": res.device,
-            "torch_threads": res.match_torch_threads,
-        },
-        compute=ActorPoolStrategy(size=res.match_actors),
-        batch_size=s.match_batch_size,
-        num_gpus=res.gpus_per_match_actor,
-        num_cpus=res.cpus_per_actor,
-    )
-    return ds.map_batches(
-        write_parts, fn_kwargs={"out": out}, batch_size=s.write_batch_size,
-        num_cpus=s.write_cpus,
-    )  # fmt: skip
-
-
-def _write_record(
-    job: RematchJob,
-    out: Location,
-    bank: MemoryBank,
-    bank_sha: str,
-    fingerprint: str,
-    res: Resources,
-    counts: dict[str, int],
-    skipped: int,
-    t0: float,
-) -> None:
-    """COCO files and run.json, as ``refseg label`` writes them, plus where the cache is."""
-    cached = job.cache.record
-    record = complete_record(
-        out,
-        fingerprint=fingerprint,
-        preset=job.preset,
-        config={
-            "model": job.model,
-            "method": job.method,
-            "pipeline": job.settings,
-            "resources": res,
-            "memory": job.memory,
-            "source": {"rematch_of": job.cache.run.uri},
-            "out": job.out,
-        },
-        random_weights=job.model.random_weights,
-        checkpoints=cached.get("checkpoints"),
-        bank=bank,
-        bank_sha=bank_sha,
-        counts=counts,
-        more_counts={"skipped_done": skipped},
-        seconds=time.perf_counter() - t0,
-    )
-    record["rematch"] = {"run": job.cache.run.uri, "cache_fingerprint": cached.get("fingerprint")}
-    record["proposal_cache"] = {**job.cache.info, "location": job.cache.location.uri}
-    write_run_record(out, record)
+def run_rematch(job: RematchJob) -> JobSummary:
+    """Run (or resume) a rematch on the job skeleton (refseg.pipeline.run), as ``refseg
+    label`` runs: it holds NEW_OUT, records its fingerprint there before the first part,
+    and reports progress."""
+    return run_job(job)

@@ -14,6 +14,12 @@ from typing import Any
 
 import numpy as np
 import ray.data
+from refseg.core.config import (
+    RUNTIME_METHOD_FIELDS,
+    RUNTIME_MODEL_FIELDS,
+    MethodConfig,
+    ModelConfig,
+)
 from refseg.core.memory_bank import MemoryBank
 from refseg.pipeline.schema import Col
 from refseg.pipeline.storage import Location
@@ -42,17 +48,15 @@ def _changed(obj: Any, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
     }
 
 
-def config_fingerprint(job: Any, bank_sha: str) -> str:
+def config_fingerprint(model: ModelConfig, method: MethodConfig, bank_sha: str) -> str:
     """What decides the labels: settings that differ from the defaults, and the bank.
 
-    ``job`` has ``model`` (ModelConfig) and ``method`` (MethodConfig): a label or rematch job.
-
-    Where and how fast the models run (device, torch.compile, the mask decoder's path and
-    prompt batch, which give the same masks up to float rounding) is left out.
+    Where and how fast the models run (``RUNTIME_MODEL_FIELDS``, ``RUNTIME_METHOD_FIELDS``:
+    the same masks up to float rounding) is left out, as a rematch ignores them too.
     """
     cfg: dict[str, Any] = {
-        "model": _changed(job.model, ignore=("device", "compile")),
-        "method": _changed(job.method, ignore=("decoder", "prompt_batch")),
+        "model": _changed(model, ignore=RUNTIME_MODEL_FIELDS),
+        "method": _changed(method, ignore=RUNTIME_METHOD_FIELDS),
     }
     cfg["bank_sha256"] = bank_sha
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
@@ -146,12 +150,12 @@ def complete_record(
     preset: str | None,
     config: dict[str, Any],
     random_weights: bool,
-    checkpoints: Any,
     bank: MemoryBank,
     bank_sha: str,
     counts: dict[str, int],
     more_counts: dict[str, Any],
     seconds: float,
+    checkpoints: Any = None,
 ) -> dict[str, Any]:
     """Write OUT's COCO files over every image; return the fields of a complete run.json
     that ``refseg label`` and ``refseg rematch`` share (each adds its own, then writes it).

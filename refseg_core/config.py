@@ -72,6 +72,10 @@ class MethodConfig:
     # (refseg.core.decoder; equal outputs up to float rounding); "stock": SAM2's own call
     decoder: Decoder = "fast"
     autocast_bf16: bool = False
+    # TF32 for float32 matrix products and convolutions on CUDA (faster on Ampere and later,
+    # ~10 mantissa bits: it changes the numerics, so it is part of the run's fingerprint);
+    # off: strict float32 (cuDNN convolutions too), as the paper runs. No effect on CPU.
+    tf32: bool = False
     # "lowres": soft merging on the 256x256 proposal masks, then only the kept top-k are
     # upsampled to the image size (the paper upsamples every NMS survivor first)
     merge_resolution: MergeResolution = "full"
@@ -95,6 +99,13 @@ class MethodConfig:
             raise ValueError(
                 f"box_convention must be 'ntt' or 'standard', got {self.box_convention!r}"
             )
+
+
+#: Settings that say where and how fast the models run, not what they compute (the same
+#: masks up to float rounding): run fingerprints leave them out, and a rematch accepts any
+#: value of them (refseg.pipeline.run_steps, refseg.pipeline.dataflow.proposal_cache).
+RUNTIME_MODEL_FIELDS: tuple[str, ...] = ("device", "compile")
+RUNTIME_METHOD_FIELDS: tuple[str, ...] = ("decoder", "prompt_batch")
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import boto3
@@ -28,6 +22,8 @@ from refseg.pipeline.schema import IMAGES_SCHEMA, image_id_from_uri
 from refseg.pipeline.storage import resolve
 
 from tests.conftest import write_images
+from tests.faults_util import ROWS_PER_TASK, kill_tree, start_driver, wait_until
+from tests.stage_gate import StageGate
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 SETTINGS = PipelineSettings(write_batch_size=2, proposal_batch_size=2, match_batch_size=2)
@@ -167,7 +163,7 @@ def test_fingerprint_keeps_what_decides_the_labels(tiny_setup, tmp_path):
     from refseg.pipeline.run_steps import config_fingerprint
 
     job = _job(tiny_setup, str(tmp_path), tmp_path / "o")
-    base = config_fingerprint(job, "bank-a")
+    base = config_fingerprint(job.model, job.method, "bank-a")
     same = [
         dataclasses.replace(job, model=dataclasses.replace(job.model, device="cuda:3")),
         dataclasses.replace(job, model=dataclasses.replace(job.model, compile=True)),
@@ -177,13 +173,13 @@ def test_fingerprint_keeps_what_decides_the_labels(tiny_setup, tmp_path):
         dataclasses.replace(job, method=dataclasses.replace(job.method, decoder="stock")),
         dataclasses.replace(job, method=dataclasses.replace(job.method, prompt_batch=32)),
     ]
-    assert all(config_fingerprint(j, "bank-a") == base for j in same)
+    assert all(config_fingerprint(j.model, j.method, "bank-a") == base for j in same)
     changed = [
         dataclasses.replace(job, method=dataclasses.replace(job.method, merge_resolution="lowres")),
         dataclasses.replace(job, model=dataclasses.replace(job.model, dinov2_image_size=126)),
     ]
-    assert all(config_fingerprint(j, "bank-a") != base for j in changed)
-    assert config_fingerprint(job, "bank-b") != base
+    assert all(config_fingerprint(j.model, j.method, "bank-a") != base for j in changed)
+    assert config_fingerprint(job.model, job.method, "bank-b") != base
 
 
 def test_s3_input_and_output(tiny_setup, s3_endpoint, tmp_path):
@@ -231,58 +227,30 @@ def test_coco_targets_keep_their_ids_and_manifest_input(tiny_setup, tmp_path):
     assert "gone.jpg" in err[0]["error"]
 
 
-_DRIVER = textwrap.dedent(
-    """
-    import sys, warnings
-    warnings.simplefilter("ignore")
-    from refseg.core.config import get_preset, replace
-    from refseg.pipeline.job import LabelJob, run_label
-    from refseg.pipeline.dataflow.settings import PipelineSettings
-    from refseg.pipeline.dataflow.sources import ImageSource
-    p = get_preset("tiny")
-    run_label(LabelJob(sys.argv[1], ImageSource(sys.argv[2]), sys.argv[3],
-              replace(p.model, random_weights=True), p.method,
-              PipelineSettings(write_batch_size=1, proposal_batch_size=1, match_batch_size=1),
-              num_cpus=2))
-    """
-)
-
-
 def test_driver_killed_mid_job_then_rerun_completes_exactly_once(tiny_setup, tmp_path):
     images = tmp_path / "imgs"
-    write_images(images, 12)
+    n = ROWS_PER_TASK + 4
+    write_images(images, n)
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _DRIVER, tiny_setup["bank"], str(images), str(out)],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 240
+    # the first proposal call of the second block waits: the driver dies mid-job, always,
+    # with exactly the first block's images written
+    gate = StageGate(tmp_path / "gate", propose=ROWS_PER_TASK + 1)
+    proc = start_driver(tiny_setup["bank"], images, out, gate.env(), tmp_path / "driver.log")
     try:
-        while time.monotonic() < deadline:
-            done = (
-                list((out / "images").glob("part-*.parquet")) if (out / "images").exists() else []
-            )
-            if len(done) >= 2:
-                break
-            assert proc.poll() is None, "the job ended before it could be interrupted"
-            time.sleep(0.2)
-        else:
-            pytest.fail("no output part appeared in time")
+        gate.wait_held("propose", proc=proc)
+        parts = lambda: len(list((out / "images").glob("part-*.parquet")))  # noqa: E731
+        wait_until(lambda: parts() >= ROWS_PER_TASK, timeout=240, what="the first block")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)  # the driver, its Ray and the held actor
         proc.wait()
     finished = len(list((out / "images").glob("part-*.parquet")))
-    assert 2 <= finished < 12, "the kill came after the job had finished"
+    assert finished == ROWS_PER_TASK  # the first block; the rest was still to do
     assert not (out / "coco_results.json").exists()
     summary = run_label(_job(tiny_setup, str(images), out))
     t = _table(str(out), "images")
     ids = t.column("image_id").to_pylist()
-    assert len(ids) == len(set(ids)) == 12
-    assert summary.images == 12 - summary.skipped_done
+    assert len(ids) == len(set(ids)) == n
+    assert (summary.skipped_done, summary.images) == (ROWS_PER_TASK, n - ROWS_PER_TASK)
     inst = _table(str(out), "instances")
     assert set(inst.column("image_id").to_pylist()) <= set(ids)
     assert not [p for p in (out / "instances").iterdir() if p.name.startswith(".")]

@@ -340,3 +340,34 @@ def test_check_fits_compares_checkpoint_hashes(runs):
     check_fits(real, bank, model=model, method=method)  # same weights: fits
     with pytest.raises(ValueError, match="sam2_checkpoint"):
         check_fits(real, bank, model=model, method=method, checkpoints={"sam2": "t" * 64})
+
+
+def test_rematch_accepts_what_the_label_fingerprint_ignores(runs, bank_b):
+    """One list of runtime-only settings: what label's fingerprint ignores, a rematch
+    accepts (and a setting in neither list is refused by both)."""
+    import dataclasses as dc
+
+    from refseg.core.config import RUNTIME_METHOD_FIELDS, RUNTIME_MODEL_FIELDS
+    from refseg.pipeline.rematch import check_fits
+    from refseg.pipeline.run_steps import config_fingerprint
+
+    cache = open_cache(str(runs["cached"]))
+    _, model, method = configs_of(cache)
+    bank = MemoryBank.load(bank_b)
+    other = {"decoder": "stock", "prompt_batch": 32, "device": "cuda:1", "compile": True}
+    assert set(other) == set(RUNTIME_METHOD_FIELDS) | set(RUNTIME_MODEL_FIELDS)
+    base = config_fingerprint(model, method, "bank")
+    for name, value in other.items():
+        m2 = dc.replace(method, **{name: value}) if name in RUNTIME_METHOD_FIELDS else method
+        mo2 = dc.replace(model, **{name: value}) if name in RUNTIME_MODEL_FIELDS else model
+        assert config_fingerprint(mo2, m2, "bank") == base, name
+        check_fits(cache, bank, model=mo2, method=m2)  # accepted
+    shaped = dc.replace(method, iou_threshold=0.9)
+    assert config_fingerprint(model, shaped, "bank") != base
+    with pytest.raises(ValueError, match="iou_threshold"):
+        check_fits(cache, bank, model=model, method=shaped)
+    rc, stdout, err = _run(["rematch", str(runs["cached"]), "--memory", bank_b, "--out",
+                            str(runs["root"] / "stock"), "--decoder", "stock",
+                            "--prompt-batch", "32", "--num-cpus", "2"])  # fmt: skip
+    assert rc == 0, err
+    assert _by_image(runs["root"] / "stock") == _by_image(runs["new"])

@@ -34,7 +34,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from refseg.core.config import MethodConfig, ModelConfig
+from refseg.core.config import (
+    RUNTIME_METHOD_FIELDS,
+    RUNTIME_MODEL_FIELDS,
+    MethodConfig,
+    ModelConfig,
+)
 from refseg.pipeline.schema import Col, image_columns
 from refseg.pipeline.storage import Location
 from refseg.pipeline.store.layout import PROPOSALS_DIR
@@ -77,8 +82,9 @@ PROPOSALS_SCHEMA = pa.schema(
 
 #: MethodConfig fields that act after the proposals and their pooled features: a rematch
 #: may change them. Every other method field (grid, IoU filter, resize, mask threshold,
-#: no_mem_embed, bf16, prompt batch, and any field added later) shaped the cache, except
-#: the reference-only ones that only `build-memory` uses.
+#: no_mem_embed, bf16, and any field added later) shaped the cache, except the
+#: reference-only ones that only `build-memory` uses and the runtime-only ones
+#: (``refseg.core.config.RUNTIME_METHOD_FIELDS``: the decoder's path and prompt batch).
 REMATCH_FIELDS = (
     "nms_iou",
     "max_nms",
@@ -91,8 +97,6 @@ REMATCH_FIELDS = (
     "negative_margin",
 )
 REFERENCE_ONLY_FIELDS = ("context_scale", "min_mask_weight")
-#: ModelConfig fields that say where and how fast models run, not what they compute.
-RUNTIME_MODEL_FIELDS = ("device", "compile")
 
 
 def pooled_to_bytes(pooled: torch.Tensor) -> bytes:
@@ -150,7 +154,7 @@ def cache_table(batch: dict[str, np.ndarray]) -> pa.Table:
 
 def shaping_method(method: MethodConfig) -> dict[str, Any]:
     """The method settings that shaped the proposals or their pooled features."""
-    skip = set(REMATCH_FIELDS) | set(REFERENCE_ONLY_FIELDS)
+    skip = set(REMATCH_FIELDS) | set(REFERENCE_ONLY_FIELDS) | set(RUNTIME_METHOD_FIELDS)
     return {
         f.name: getattr(method, f.name) for f in dataclasses.fields(method) if f.name not in skip
     }

@@ -1,8 +1,8 @@
 """Thin Ray Data actor stages: decode columns, call refseg.core's models, encode columns.
 
-The CPU decode task is in :mod:`refseg.pipeline.dataflow.decode` (no torch there). Each stage maps a
-``dict[str, np.ndarray]`` batch to another. Method logic lives in refseg.core; a failure
-on one image becomes an error row, never a failed batch.
+The CPU decode task is in :mod:`refseg.pipeline.dataflow.decode` (no torch there). Each
+stage maps a ``dict[str, np.ndarray]`` batch to another. Method logic lives in refseg.core;
+a failure on one image becomes an error row, never a failed batch.
 """
 
 from __future__ import annotations
@@ -103,7 +103,36 @@ class ProposalStage:
         return batch
 
 
-class MatchStage:
+class _Matching:
+    """What both matching actors share: the bank's class names and one encode path.
+
+    ``_finish`` turns per-image results into the writer's columns (instances as Arrow IPC,
+    counts, per-stage seconds), so a labelling and a rematch write identical rows.
+    """
+
+    names: dict[int, str]
+
+    def _encode(self, inst: Any, batch: Batch, i: int) -> tuple[bytes, int]:
+        """One image's instances -> (Arrow IPC bytes of INSTANCES_SCHEMA rows, count)."""
+        table = inst.with_rles(drop_masks=True).to_arrow(
+            int(batch[Col.IMAGE_ID][i]), str(batch[Col.IMAGE_URI][i]), self.names
+        )
+        return instances_blob(table), table.num_rows
+
+    @staticmethod
+    def _finish(batch: Batch, results: dict[int, Any], t_match, t_encode) -> dict[int, Any]:
+        _mark_errors(batch, results)
+        n = len(batch[Col.IMAGE_ID])
+        ok = {i: r for i, r in results.items() if not isinstance(r, BaseException)}
+        batch[Col.INSTANCES] = np.asarray([ok[i][0] if i in ok else b"" for i in range(n)], object)
+        batch[Col.N_INSTANCES] = np.asarray(
+            [ok[i][1] if i in ok else 0 for i in range(n)], np.int32
+        )
+        batch[Col.T_MATCH], batch[Col.T_ENCODE] = t_match, t_encode
+        return ok
+
+
+class MatchStage(_Matching):
     """Actor holding the memory bank: DINOv2 matching, masks encoded to RLE here.
 
     With ``cache_proposals`` the batch keeps its ``proposals`` column and gains the pooled
@@ -129,10 +158,9 @@ class MatchStage:
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch[Col.IMAGE_ID])
         rows = np.nonzero(batch[Col.STATUS] == "ok")[0]
-        t_match = np.zeros(n)
-        t_encode = np.zeros(n)
+        t_match, t_encode = np.zeros(n), np.zeros(n)
 
-        def run(idx: list[int]) -> list[bytes]:
+        def run(idx: list[int]) -> list[tuple[bytes, int, tuple[bytes, int, int, int]]]:
             t0 = time.perf_counter()
             targets = _targets(batch, np.asarray(idx))
             feats = self.matcher.target_features(stack_targets(targets))
@@ -143,11 +171,8 @@ class MatchStage:
                 pooled = self.matcher.pool(props, feats[k])
                 inst = self.matcher.match_pooled(props, pooled)
                 t2 = time.perf_counter()
-                table = inst.with_rles(drop_masks=True).to_arrow(
-                    int(batch[Col.IMAGE_ID][i]), str(batch[Col.IMAGE_URI][i]), self.names
-                )
                 cache = (pooled_to_bytes(pooled), len(props), *pooled.shape)
-                out.append((instances_blob(table), table.num_rows, cache))
+                out.append((*self._encode(inst, batch, i), cache))
                 t_match[i] = t2 - t1
                 t_encode[i] = time.perf_counter() - t2
             share = (time.perf_counter() - t0 - t_match[idx].sum() - t_encode[idx].sum()) / len(idx)
@@ -155,13 +180,7 @@ class MatchStage:
             return out
 
         results = _per_image(batch, rows, run) if len(rows) else {}
-        _mark_errors(batch, results)
-        ok = {i: r for i, r in results.items() if not isinstance(r, BaseException)}
-        batch[Col.INSTANCES] = np.asarray([ok[i][0] if i in ok else b"" for i in range(n)], object)
-        batch[Col.N_INSTANCES] = np.asarray(
-            [ok[i][1] if i in ok else 0 for i in range(n)], np.int32
-        )
-        batch[Col.T_MATCH], batch[Col.T_ENCODE] = t_match, t_encode
+        ok = self._finish(batch, results, t_match, t_encode)
         del batch[Col.SQUARE]
         if not self.cache_proposals:
             del batch[Col.PROPOSALS]
@@ -173,11 +192,16 @@ class MatchStage:
         return batch
 
 
-class RematchStage:
+#: The columns a rematch hands the writer (the cache's proposal columns stay behind).
+_REMATCH_KEEP = (Col.IMAGE_ID, Col.IMAGE_URI, Col.WIDTH, Col.HEIGHT, Col.STATUS, Col.ERROR)
+
+
+class RematchStage(_Matching):
     """Actor holding a memory bank: matches cached proposals and pooled features (no model).
 
-    Input rows are proposal-cache rows (refseg.pipeline.dataflow.proposal_cache); the output has the
-    columns ``MatchStage`` gives the writer (instances as Arrow IPC, per-stage seconds).
+    Input rows are proposal-cache rows (refseg.pipeline.dataflow.proposal_cache); the output
+    has the columns ``MatchStage`` gives the writer (instances as Arrow IPC, per-stage
+    seconds).
     """
 
     def __init__(
@@ -203,27 +227,13 @@ class RematchStage:
                 pooled = pooled_from_bytes(batch[Col.POOLED][i], int(batch["n_pooled"][i]), dim)
                 inst = self.matcher.match_pooled(props, pooled)
                 t2 = time.perf_counter()
-                table = inst.with_rles(drop_masks=True).to_arrow(
-                    int(batch[Col.IMAGE_ID][i]), str(batch[Col.IMAGE_URI][i]), self.names
-                )
-                out.append((instances_blob(table), table.num_rows))
+                out.append(self._encode(inst, batch, i))
                 t_match[i], t_encode[i] = t2 - t1, time.perf_counter() - t2
             return out
 
         results = _per_image(batch, rows, run) if len(rows) else {}
-        _mark_errors(batch, results)
-        ok = {i: r for i, r in results.items() if not isinstance(r, BaseException)}
-        return {
-            Col.IMAGE_ID: batch[Col.IMAGE_ID],
-            Col.IMAGE_URI: batch[Col.IMAGE_URI],
-            Col.WIDTH: batch[Col.WIDTH],
-            Col.HEIGHT: batch[Col.HEIGHT],
-            Col.STATUS: batch[Col.STATUS],
-            Col.ERROR: batch[Col.ERROR],
-            Col.INSTANCES: np.asarray([ok[i][0] if i in ok else b"" for i in range(n)], object),
-            Col.N_INSTANCES: np.asarray([ok[i][1] if i in ok else 0 for i in range(n)], np.int32),
-            Col.T_DECODE: np.zeros(n),  # a rematch reads the cache: no decode, no SAM2
-            Col.T_PROPOSE: np.zeros(n),
-            Col.T_MATCH: t_match,
-            Col.T_ENCODE: t_encode,
-        }
+        out = {c: batch[c] for c in _REMATCH_KEEP}
+        self._finish(out, results, t_match, t_encode)
+        # a rematch reads the cache: no decode, no SAM2
+        out[Col.T_DECODE], out[Col.T_PROPOSE] = np.zeros(n), np.zeros(n)
+        return out
