@@ -366,7 +366,7 @@ def test_rematch_accepts_what_the_label_fingerprint_ignores(runs, bank_b):
     assert config_fingerprint(model, shaped, "bank") != base
     with pytest.raises(ValueError, match="iou_threshold"):
         check_fits(cache, bank, model=model, method=shaped)
-    rc, stdout, err = _run(["rematch", str(runs["cached"]), "--memory", bank_b, "--out",
+    rc, _, err = _run(["rematch", str(runs["cached"]), "--memory", bank_b, "--out",
                             str(runs["root"] / "stock"), "--decoder", "stock",
                             "--prompt-batch", "32", "--num-cpus", "2"])  # fmt: skip
     assert rc == 0, err
