@@ -34,16 +34,12 @@ browser:
 	    "it, $(CHROMIUM_HINT)"; \
 	fi
 
-# torch/torchvision first (from this machine's disk where present), then sam2 without
-# build isolation (its setup imports torch), then refseg and its pinned dependencies.
-$(STAMP): pyproject.toml constraints.txt
+# The install steps live in deploy/install.sh, which the Dockerfile runs too (one order:
+# torch/torchvision first, from this machine's disk where present; sam2 without build
+# isolation; then refseg and its pinned dependencies).
+$(STAMP): pyproject.toml constraints.txt deploy/install.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt torch torchvision
-	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-build-isolation -c constraints.txt sam2
-	$(PIP) install -q -c constraints.txt -e ".[dev]"
-	# Meta's DINOv2 reference code, test-only (a re-upload pinned to torch 2.0: no deps)
-	$(PIP) install -q --no-deps dinov2==0.0.1.dev2
+	sh deploy/install.sh $(PIP) --dev --editable
 	touch $(STAMP)
 
 lint: setup

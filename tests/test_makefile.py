@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 MAKE = shutil.which("make")
 pytestmark = pytest.mark.skipif(MAKE is None, reason="make is not installed")
-TOOLS = ("touch", "test", "mkdir", "chmod", "cat", "rm")
+TOOLS = ("touch", "test", "mkdir", "chmod", "cat", "rm", "sh", "dirname")
 
 # A stand-in for `python3 -m venv DIR`: DIR/bin/{python,pip,refseg,ruff} log and succeed.
 _FAKE_PYTHON = f"""#!{sys.executable}
@@ -48,7 +48,8 @@ def sandbox(tmp_path: Path) -> dict:
     """A copy of the Makefile and what its targets read, and a bin/ without apt-get."""
     work = tmp_path / "repo"
     work.mkdir()
-    for name in ("Makefile", "pyproject.toml", "constraints.txt"):
+    for name in ("Makefile", "pyproject.toml", "constraints.txt", "deploy/install.sh"):
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, work / name)
     bin_ = tmp_path / "bin"
     bin_.mkdir()
@@ -94,8 +95,17 @@ def test_demo_setup_path_runs_without_root_or_apt_get(sandbox):
         installs[2].startswith("pip SAM2_BUILD_CUDA=0 ") and "--no-build-isolation" in installs[2]
     )
     assert "-e .[dev]" in installs[3] and "dinov2==0.0.1.dev2" in installs[4]
+    assert len(installs) == 5
     assert steps[-1] == "refseg SAM2_BUILD_CUDA= demo --out demo_out"
     assert (sandbox["work"] / ".venv" / ".refseg-installed").exists()
+
+
+def test_setup_runs_the_install_script_the_dockerfile_runs(sandbox):
+    proc = _make(sandbox, "-n", "setup")
+    assert proc.returncode == 0, proc.stderr
+    assert "sh deploy/install.sh .venv/bin/pip --dev --editable" in proc.stdout
+    for step in ("torch", "sam2", "--no-build-isolation", "constraints.txt"):
+        assert step not in proc.stdout  # the steps themselves live in the script only
 
 
 def test_browser_without_root_says_how_and_does_not_fail(sandbox):
