@@ -141,7 +141,14 @@ def test_rayjob_fields_this_setup_relies_on() -> None:
     job_deadline = cron["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"]
     assert 0 < spec["activeDeadlineSeconds"] < job_deadline  # the watcher outlives the job
     cluster = spec["rayClusterSpec"]
-    assert set(cluster) == {"rayVersion", "headGroupSpec", "workerGroupSpecs"}
+    assert set(cluster) == {
+        "rayVersion",
+        "authOptions",
+        "enableInTreeAutoscaling",
+        "autoscalerOptions",
+        "headGroupSpec",
+        "workerGroupSpecs",
+    }
     assert cluster["rayVersion"] == version("ray")  # the image's Ray is the pinned one
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     for group in groups:
@@ -156,6 +163,9 @@ def test_rayjob_fields_this_setup_relies_on() -> None:
             "template",
         }
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        # autoscaled from zero: GPU pods exist only while a job asks for GPUs
+        assert group["minReplicas"] == 0 and group["replicas"] == 0
+        assert group["maxReplicas"] >= 1
     (secret,) = _by_kind("Secret")
     for group in groups:
         template = group["template"]
@@ -189,6 +199,34 @@ def test_placeholders_are_the_only_edits() -> None:
     assert found == PLACEHOLDERS
     readme = (DEPLOY / "README.md").read_text()
     assert all(p in readme for p in PLACEHOLDERS)
+
+
+def test_ray_clusters_have_token_auth_and_no_public_dashboard() -> None:
+    cluster = _rayjob()["spec"]["rayClusterSpec"]
+    # KubeRay >= 1.5.1: a random token per RayCluster, in a Secret, given to every Ray
+    # container, the job submitter and the operator's own dashboard client
+    assert cluster["authOptions"] == {"mode": "token"}
+    head = cluster["headGroupSpec"]
+    # a ClusterIP Service (the default), no Ingress: reached through kubectl port-forward
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+    assert not head.get("enableIngress", False)
+    text = (DEPLOY / "rayjob.yaml").read_text()
+    assert "RAY_AUTH_MODE" not in text and "RAY_AUTH_TOKEN" not in text  # no token in files
+    assert "dashboard-host" not in text  # KubeRay's default: the pod network, not public
+    readme = (DEPLOY / "README.md").read_text()
+    assert "kubectl port-forward" in readme and "export RAY_AUTH_MODE=token" in readme
+    assert "{.data.auth_token}" in readme  # where the token is read from
+
+
+def test_gpu_workers_autoscale_with_the_job() -> None:
+    cluster = _rayjob()["spec"]["rayClusterSpec"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    (group,) = cluster["workerGroupSpecs"]
+    (container,) = group["template"]["spec"]["containers"]
+    limits = container["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"  # the autoscaler's GPU count for this group
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 
 
 # ------------------------------------------------------------------- start-rayjob.sh
