@@ -50,6 +50,8 @@ _METHOD_HELP = {
     "prototype minus this margin (banks with negatives only; default 0)",
     "autocast_bf16": "run both backbones under bf16 autocast and the fast decoder in bf16 "
     "(speed option on GPUs and CPUs with bf16 support)",
+    "tf32": "allow TF32 in float32 matrix products and convolutions on CUDA (speed option; "
+    "off: strict float32, as the paper runs; no effect on CPU)",
     "merge_resolution": "full: soft-merge at image size (the paper); lowres: merge the "
     "256x256 masks, upsample only the kept top-k (speed and memory option)",
 }

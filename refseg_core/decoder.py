@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -95,9 +97,18 @@ class SharedImageDecoder:
         dtype: the decoder's compute dtype. ``torch.bfloat16`` runs a bf16 copy of the mask
             decoder's weights natively (call it outside autocast: autocast would cast the
             (P, N, C) activations at every op); the model itself is left unchanged.
+        compile_backend: a ``torch.compile`` backend (``"inductor"``, or a callable) for the
+            per-prompt work (:meth:`__call__`'s body: the two-way transformer, the
+            upscaling and the hypernetworks); ``None`` runs it eagerly.
     """
 
-    def __init__(self, model: torch.nn.Module, *, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        dtype: torch.dtype = torch.float32,
+        compile_backend: str | Callable[..., Any] | None = None,
+    ) -> None:
         from sam2.modeling.sam.mask_decoder import MaskDecoder
 
         if not isinstance(model.sam_mask_decoder, MaskDecoder):
@@ -117,6 +128,9 @@ class SharedImageDecoder:
         self.heads = self.transformer.num_heads
         # token positions: [obj score]?, IoU, mask tokens..., prompt tokens
         self.first = 1 if self.decoder.pred_obj_scores else 0
+        self._decode = self._decode_eager
+        if compile_backend is not None:
+            self._decode = torch.compile(self._decode_eager, backend=compile_backend)
 
     # ------------------------------------------------------------------ per image
 
@@ -179,6 +193,12 @@ class SharedImageDecoder:
             low-res mask logits (P, M, 4h, 4w) and predicted IoUs (P, M), M = 3 or 1, as
             ``sam_mask_decoder(..., repeat_image=True)`` returns them.
         """
+        return self._decode(state, sparse, multimask)
+
+    def _decode_eager(
+        self, state: ImageState, sparse: torch.Tensor, multimask: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`__call__`'s work (compiled when a backend was given)."""
         dec = self.decoder
         s = self.first
         sparse = sparse.to(self.dtype)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
 import torch
 from refseg.core.models import LoadedModel, dinov2_mean_std, dinov2_patch_tokens
 
@@ -15,9 +19,19 @@ class DinoEncoder:
         loaded: a DINOv2 model from ``refseg.core.models.build_dinov2``.
         image_size: the square input side (518 in the paper; a multiple of 14).
         autocast_bf16: run the backbone under bf16 autocast.
+        compile_backend: a ``torch.compile`` backend (``"inductor"``, or a callable) for the
+            encoder's forward pass (patch embedding, blocks, final norm); ``None``: eager.
+            The model itself is left as it is.
     """
 
-    def __init__(self, loaded: LoadedModel, image_size: int, *, autocast_bf16: bool = False):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        image_size: int,
+        *,
+        autocast_bf16: bool = False,
+        compile_backend: str | Callable[..., Any] | None = None,
+    ):
         if image_size % 14:
             raise ValueError(f"DINOv2 image size must be a multiple of 14, got {image_size}")
         self.model = loaded.model
@@ -29,6 +43,11 @@ class DinoEncoder:
         self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self.autocast_bf16 = autocast_bf16
+        self._patch_tokens: Callable[[torch.Tensor], torch.Tensor] = partial(
+            dinov2_patch_tokens, self.model
+        )
+        if compile_backend is not None:
+            self._patch_tokens = torch.compile(self._patch_tokens, backend=compile_backend)
 
     @property
     def grid(self) -> int:
@@ -43,4 +62,4 @@ class DinoEncoder:
             )
         x = (images.to(self.device, torch.float32) - self._mean) / self._std
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
-            return dinov2_patch_tokens(self.model, x).float()
+            return self._patch_tokens(x).float()

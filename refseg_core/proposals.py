@@ -10,13 +10,16 @@ work once and gives the same masks and IoUs up to float rounding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from refseg.core import ops
 from refseg.core.config import MethodConfig
 from refseg.core.decoder import ImageState, SharedImageDecoder
-from refseg.core.sizing import auto_prompt_batch
+from refseg.core.sizing import auto_prompt_batch, probe_bytes_per_prompt
+from refseg.core.tensors import images_to_float
 
 #: SAM2's input normalisation (ImageNet mean and std, as ``sam2.utils.transforms``'s
 #: ``SAM2Transforms`` sets them). Copied as numbers because importing that module pulls in
@@ -82,9 +85,20 @@ class Sam2Proposer:
     Args:
         model: a built ``SAM2Base`` (eval mode) on its device.
         method: grid size, prompt batch, IoU filter, ``add_no_mem_embed``.
+        compile_backend: a ``torch.compile`` backend (``"inductor"``, or a callable) for
+            the code that runs per image and per prompt: the image encoder
+            (``model.forward_image``), the fast decoder's per-prompt work
+            (``SharedImageDecoder``) and, with ``decoder="stock"``, SAM2's mask decoder.
+            The model itself is left as it is. ``None``: eager.
     """
 
-    def __init__(self, model: torch.nn.Module, method: MethodConfig) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        method: MethodConfig,
+        *,
+        compile_backend: str | Callable[..., Any] | None = None,
+    ) -> None:
         self.model = model
         self.method = method
         self.input_size = int(model.image_size)
@@ -92,12 +106,25 @@ class Sam2Proposer:
         self._mean = torch.tensor(SAM2_MEAN, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(SAM2_STD, device=self.device).view(1, 3, 1, 1)
         self._fast: SharedImageDecoder | None = None
+        self.compile_backend = compile_backend
+        self._forward_image = model.forward_image
+        self._stock_decoder = model.sam_mask_decoder
+        if compile_backend is not None:
+            self._forward_image = torch.compile(model.forward_image, backend=compile_backend)
+            self._stock_decoder = torch.compile(model.sam_mask_decoder, backend=compile_backend)
+        # automatic prompt batches, per (decoder, bf16, embedding size): sized once
+        self._auto_batch: dict[tuple[str, bool, tuple[int, int]], int] = {}
+        if self.device.type == "cuda" and not method.prompt_batch:
+            side = self.input_size // 16  # SAM2's image embedding: stride 16
+            self.prompt_batch((side, side))
 
     def _fast_decoder(self) -> SharedImageDecoder:
         """The fast decoder, in bf16 under ``autocast_bf16`` (built once per dtype)."""
         dtype = torch.bfloat16 if self.method.autocast_bf16 else torch.float32
         if self._fast is None or self._fast.dtype != dtype:
-            self._fast = SharedImageDecoder(self.model, dtype=dtype)
+            self._fast = SharedImageDecoder(
+                self.model, dtype=dtype, compile_backend=self.compile_backend
+            )
         return self._fast
 
     def _autocast(self):
@@ -110,14 +137,16 @@ class Sam2Proposer:
         """Image encoder once per image.
 
         Args:
-            images: (B, 3, S, S) float in [0, 1], S = the model's input size.
+            images: (B, 3, S, S) float in [0, 1], or uint8 as (B, 3, S, S) or (B, S, S, 3)
+                (converted on the model's device, to the same values: see
+                ``refseg.core.tensors.images_to_float``); S = the model's input size.
 
         Returns:
             image embeddings (B, C, S/16, S/16) and the high-resolution feature levels.
         """
-        x = (images.to(self.device, torch.float32) - self._mean) / self._std
+        x = (images_to_float(images, self.device) - self._mean) / self._std
         with self._autocast():
-            backbone_out = self.model.forward_image(x)
+            backbone_out = self._forward_image(x)
             _, vision_feats, _, feat_sizes = self.model._prepare_backbone_features(backbone_out)
         if self.method.add_no_mem_embed:
             vision_feats[-1] = vision_feats[-1] + self.model.no_mem_embed
@@ -167,7 +196,7 @@ class Sam2Proposer:
                 low_res, iou = self._fast_decoder()(image.shared, sparse, multimask=multimask)
             return low_res.float(), iou.float()
         with self._autocast():
-            low_res, iou, _, _ = self.model.sam_mask_decoder(
+            low_res, iou, _, _ = self._stock_decoder(
                 image_embeddings=image.embed,
                 image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse,
@@ -179,11 +208,47 @@ class Sam2Proposer:
         return low_res.float(), iou.float()
 
     def prompt_batch(self, embed_hw: tuple[int, int]) -> int:
-        """Prompts per decoder call: the method's ``prompt_batch``, or the automatic one."""
-        if self.method.prompt_batch:
-            return self.method.prompt_batch
+        """Prompts per decoder call: the method's ``prompt_batch``, or the automatic one.
+
+        The automatic batch is sized once per setting (on CUDA when the proposer is built,
+        from the device's free memory then and the bytes per prompt measured there by a
+        probe call of the fast decoder); later calls reuse it.
+        """
         m = self.method
-        return auto_prompt_batch(m.decoder, self.device, embed_hw, bf16=m.autocast_bf16)
+        if m.prompt_batch:
+            return m.prompt_batch
+        key = (m.decoder, m.autocast_bf16, (int(embed_hw[0]), int(embed_hw[1])))
+        if key not in self._auto_batch:
+            per_prompt = None
+            if self.device.type == "cuda" and m.decoder == "fast":
+                per_prompt = probe_bytes_per_prompt(
+                    lambda p: self._probe_decode(key[2], p), self.device
+                )
+            self._auto_batch[key] = auto_prompt_batch(
+                m.decoder, self.device, key[2], bf16=m.autocast_bf16, bytes_per_prompt=per_prompt
+            )
+        return self._auto_batch[key]
+
+    @torch.inference_mode()
+    def _probe_decode(self, embed_hw: tuple[int, int], prompts: int) -> None:
+        """One eager fast-decoder call of ``prompts`` grid prompts on a zero image embedding
+        of ``embed_hw``: what ``probe_bytes_per_prompt`` measures."""
+        dec = self._fast_decoder()
+        c = int(self.model.sam_mask_decoder.transformer_dim)
+        h, w = embed_hw
+        zeros = {"device": self.device, "dtype": torch.float32}
+        high_res = [torch.zeros(1, c // 8, 4 * h, 4 * w, **zeros)]
+        high_res.append(torch.zeros(1, c // 4, 2 * h, 2 * w, **zeros))
+        with torch.autocast(self.device.type, enabled=False):
+            state = dec.prepare(torch.zeros(1, c, h, w, **zeros), high_res)
+        pts = torch.full((prompts, 2), self.input_size / 2, device=self.device)
+        labels = torch.ones(prompts, 1, dtype=torch.int, device=self.device)
+        with self._autocast():
+            sparse, _ = self.model.sam_prompt_encoder(
+                points=(pts[:, None, :], labels), boxes=None, masks=None
+            )
+        with torch.autocast(self.device.type, enabled=False):
+            dec._decode_eager(state, sparse, True)
 
     def grid(self, valid_hw: tuple[int, int]) -> torch.Tensor:
         """The (P, 2) point grid over the valid part of the input square."""
@@ -199,7 +264,8 @@ class Sam2Proposer:
         """Proposals for a batch of resized images.
 
         Args:
-            images: (B, 3, S, S) float in [0, 1] (see ``refseg.core.imaging``).
+            images: (B, 3, S, S) float in [0, 1], or uint8 (B, S, S, 3) / (B, 3, S, S) as
+                :meth:`encode` takes them (see ``refseg.core.imaging``).
             valid_hw: per image, the (h, w) of the image inside the square.
             orig_hw: per image, the original (H, W).
         """

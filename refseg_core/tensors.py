@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 from refseg.core.imaging import PreparedTarget, ResizeInfo
 
-__all__ = ["crop_valid", "lowres_to_original", "stack_targets", "to_float_tensor"]
+__all__ = [
+    "crop_valid",
+    "images_to_float",
+    "lowres_to_original",
+    "stack_targets",
+    "stack_targets_uint8",
+    "to_float_tensor",
+]
 
 
 def crop_valid(lowres: torch.Tensor, info: ResizeInfo) -> torch.Tensor:
@@ -86,5 +93,39 @@ def to_float_tensor(img: np.ndarray) -> torch.Tensor:
 
 
 def stack_targets(targets: Sequence[PreparedTarget]) -> torch.Tensor:
-    """(B, 3, S, S) float32 in [0, 1]."""
+    """(B, 3, S, S) float32 in [0, 1], made on the host (see ``stack_targets_uint8``)."""
     return torch.stack([to_float_tensor(t.square) for t in targets])
+
+
+def stack_targets_uint8(targets: Sequence[PreparedTarget]) -> torch.Tensor:
+    """(B, S, S, 3) uint8: the squares as they are, a quarter of the float32 bytes.
+
+    For a model on a GPU: the models' ``propose``/``target_features`` convert it on their
+    device (:func:`images_to_float`), to the same values as :func:`stack_targets`.
+    """
+    return torch.from_numpy(np.stack([t.square for t in targets]))
+
+
+def images_to_float(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A batch of images as (B, 3, S, S) contiguous float32 in [0, 1] on ``device``.
+
+    Args:
+        images: (B, 3, S, S) float in [0, 1], or uint8 as (B, 3, S, S) or (B, S, S, 3)
+            (channels first when ``shape[1] == 3``). uint8 is copied to ``device`` as is and
+            divided by 255 there, the operation ``to_float_tensor`` does on the host, so the
+            values are identical bit for bit.
+    """
+    if images.ndim != 4 or 3 not in (images.shape[1], images.shape[-1]):
+        raise ValueError(
+            f"images must be (B, 3, S, S) or, as uint8, (B, S, S, 3); got {tuple(images.shape)}"
+        )
+    if images.dtype != torch.uint8:
+        if images.shape[1] != 3:
+            raise ValueError(
+                f"float images must be channels first (B, 3, S, S), got {tuple(images.shape)}"
+            )
+        return images.to(device, torch.float32)
+    x = images.to(device)
+    if x.shape[1] != 3:
+        x = x.permute(0, 3, 1, 2)
+    return x.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
