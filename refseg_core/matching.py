@@ -11,7 +11,7 @@ from refseg.core.imaging import ResizeInfo
 from refseg.core.instances import Instances
 from refseg.core.memory_bank import MemoryBank
 from refseg.core.proposals import Proposals
-from refseg.core.tensors import crop_valid, lowres_to_original
+from refseg.core.tensors import crop_valid, images_to_float, lowres_to_original
 
 __all__ = ["Matcher", "PooledMatcher"]
 
@@ -175,14 +175,15 @@ class Matcher(PooledMatcher):
         """DINOv2 patch features of the SAM2 input squares.
 
         Args:
-            images: (B, 3, S, S) float in [0, 1] (the same squares SAM2 saw).
+            images: (B, 3, S, S) float in [0, 1] (the same squares SAM2 saw), or uint8
+                (B, S, S, 3) / (B, 3, S, S), converted on the device to the same values.
 
         Returns:
             (B, h, w, D) patch features (h = w = dinov2 image size / 14).
         """
         size = self.encoder.image_size
         x = F.interpolate(
-            images.to(self.device, torch.float32),
+            images_to_float(images, self.device),
             size=(size, size),
             mode="bicubic",
             align_corners=False,
