@@ -14,7 +14,7 @@ from refseg.core.imaging import PreparedTarget, prepare_target
 from refseg.core.instances import Instances
 from refseg.core.matching import Matcher
 from refseg.core.proposals import Sam2Proposer
-from refseg.core.tensors import stack_targets
+from refseg.core.tensors import stack_targets_uint8
 
 __all__ = ["Segmenter"]
 
@@ -35,7 +35,7 @@ class Segmenter:
     def label_prepared(self, targets: Sequence[PreparedTarget]) -> list[Instances]:
         if not targets:
             return []
-        batch = stack_targets(targets)
+        batch = stack_targets_uint8(targets)  # converted to float on the models' device
         proposals = self.proposer.propose(
             batch, [t.valid_hw for t in targets], [t.orig_hw for t in targets]
         )

@@ -19,7 +19,7 @@ from refseg.core.factory import build_encoder, build_proposer
 from refseg.core.imaging import PreparedTarget
 from refseg.core.matching import Matcher, PooledMatcher
 from refseg.core.memory_bank import MemoryBank
-from refseg.core.tensors import stack_targets
+from refseg.core.tensors import stack_targets_uint8
 from refseg.core.transport import decode_proposals, encode_proposals
 from refseg.pipeline.dataflow.decode import error_text
 from refseg.pipeline.dataflow.proposal_cache import pooled_from_bytes, pooled_to_bytes
@@ -86,7 +86,7 @@ class ProposalStage:
         def run(idx: list[int]) -> list[bytes]:
             targets = _targets(batch, np.asarray(idx))
             props = self.proposer.propose(
-                stack_targets(targets),
+                stack_targets_uint8(targets),  # uint8 to the device, float made there
                 [t.valid_hw for t in targets],
                 [t.orig_hw for t in targets],
             )
@@ -163,7 +163,7 @@ class MatchStage(_Matching):
         def run(idx: list[int]) -> list[tuple[bytes, int, tuple[bytes, int, int, int]]]:
             t0 = time.perf_counter()
             targets = _targets(batch, np.asarray(idx))
-            feats = self.matcher.target_features(stack_targets(targets))
+            feats = self.matcher.target_features(stack_targets_uint8(targets))
             out = []
             for k, i in enumerate(idx):
                 t1 = time.perf_counter()
