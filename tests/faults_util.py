@@ -3,16 +3,15 @@
 * bad input files, built here with PIL/numpy (``bad_image_cases``);
 * a ``LabelJob`` for the tiny preset and readers of a run's output tables;
 * processes the tests own and break on purpose: a moto S3 server (stop, pause with
-  SIGSTOP, resume with SIGCONT), a driver subprocess;
-* a *stage probe*: a ``sitecustomize`` module put on the PYTHONPATH of a driver
-  subprocess (its Ray workers inherit it) that logs, after each successful call of
-  ``ProposalStage``/``MatchStage``, the stage, the worker pid and the image ids. It
-  lives only in the test's temporary folder: production code has no hook for it;
-* the pids of a pipeline stage's actors below a driver (``stage_pids``), to kill one.
+  SIGSTOP, resume with SIGCONT), a driver subprocess, a process tree (``kill_tree``).
+
+What happens mid-job is timed by the stage gate of tests/stage_gate.py (a stage call that
+waits for the test), never by the clock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -25,7 +24,6 @@ import textwrap
 import time
 import urllib.request
 import zlib
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,11 +34,18 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 from refseg.pipeline.dataflow.settings import PipelineSettings
-from refseg.pipeline.dataflow.sources import ImageSource
+from refseg.pipeline.dataflow.sources import FETCH_BLOCK_ROWS, ImageSource
 from refseg.pipeline.job import LabelJob
 from refseg.pipeline.storage import resolve
 
+from tests.stage_gate import running
+
 REPO = Path(__file__).resolve().parents[1]
+# The listing goes to Ray in blocks of FETCH_BLOCK_ROWS images (fewer images: one block),
+# and each stage maps a block in one task whose results move on only when it ends. A stage
+# gate (tests/stage_gate.py) holding proposal call ROWS_PER_TASK + 1, the first call of the
+# second block, thus holds a job with exactly the first block's images written.
+ROWS_PER_TASK = FETCH_BLOCK_ROWS
 # batches of one or two images: a kill lands mid-job and little work is in flight
 SMALL_BATCHES = PipelineSettings(
     decode_batch_size=2, proposal_batch_size=1, match_batch_size=1, write_batch_size=1
@@ -236,83 +241,7 @@ class MotoServer:
                 self.proc.wait()
 
 
-# ----------------------------------------------------------------- probe, driver, actors
-
-_PROBE = textwrap.dedent(
-    '''
-    """Test probe (tests/faults_util.py): log each stage call's image ids to a file."""
-    import importlib.abc
-    import importlib.machinery
-    import os
-    import sys
-
-    _LOG = os.environ.get("REFSEG_FAULTS_PROBE_LOG")
-
-
-    def _wrap(cls, tag):
-        call = cls.__call__
-
-        def _log(event, ids):
-            with open(_LOG, "a") as f:
-                f.write("".join(f"{event} {os.getpid()} {int(i)}\\n" for i in ids))
-
-        def __call__(self, batch):
-            _log(tag + "-start", batch["image_id"])
-            out = call(self, batch)
-            _log(tag, out["image_id"])
-            return out
-
-        cls.__call__ = __call__
-
-
-    class _Finder(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name != "refseg.pipeline.dataflow.stages":
-                return None
-            sys.meta_path.remove(self)
-            spec = importlib.machinery.PathFinder.find_spec(name, path)
-            run = spec.loader.exec_module
-
-            def exec_module(module):
-                run(module)
-                _wrap(module.ProposalStage, "propose")
-                _wrap(module.MatchStage, "match")
-
-            spec.loader.exec_module = exec_module
-            return spec
-
-
-    if _LOG:
-        sys.meta_path.insert(0, _Finder())
-    '''
-)
-
-
-def probe_env(folder: Path, log: Path) -> dict[str, str]:
-    """Environment for a driver (and its Ray workers) with the stage probe on, logging to
-    ``log``; also puts the repository on the PYTHONPATH."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(_PROBE)
-    path = os.pathsep.join([str(folder), str(REPO), os.environ.get("PYTHONPATH", "")])
-    return {
-        **os.environ,
-        "PYTHONPATH": path.rstrip(os.pathsep),
-        "REFSEG_FAULTS_PROBE_LOG": str(log),
-    }
-
-
-def probe_counts(log: Path, event: str = "propose") -> Counter[int]:
-    """How many times each image id went through a stage: ``event`` is ``propose`` or
-    ``match`` (calls that returned) or ``propose-start``/``match-start`` (calls begun,
-    including those cut short by a kill)."""
-    if not log.exists():
-        return Counter()
-    return Counter(
-        int(parts[2])
-        for parts in (line.split() for line in log.read_text().splitlines())
-        if len(parts) == 3 and parts[0] == event
-    )
-
+# -------------------------------------------------------------------- driver, processes
 
 DRIVER = textwrap.dedent(
     """
@@ -321,7 +250,7 @@ DRIVER = textwrap.dedent(
     from refseg.core.config import get_preset, replace
     from refseg.pipeline.job import LabelJob, run_label
     from refseg.pipeline.dataflow.settings import PipelineSettings
-    from refseg.pipeline.dataflow.sources import ImageSource
+    from refseg.pipeline.dataflow.sources import FETCH_BLOCK_ROWS, ImageSource
     p = get_preset("tiny")
     s = run_label(LabelJob(sys.argv[1], ImageSource(sys.argv[2]), sys.argv[3],
                   replace(p.model, random_weights=True), p.method,
@@ -350,23 +279,16 @@ def start_driver(
 
 
 def wait_until(pred: Any, *, timeout: float, what: str, proc: Any = None) -> None:
-    """Poll ``pred()`` every 0.1 s; fail with ``what`` after ``timeout`` s or if ``proc``
-    (a Popen or a Thread) ends first."""
+    """Poll ``pred()`` every 0.1 s; fail with ``what`` after ``timeout`` s (a safety net:
+    wait only for what must come) or as soon as the job ``proc`` (a Popen, a Thread, an
+    Event set at its end) has ended."""
     deadline = time.monotonic() + timeout
     while not pred():
-        alive = proc is None or (proc.poll() is None if hasattr(proc, "poll") else proc.is_alive())
-        if not alive:
+        if not running(proc):
             raise AssertionError(f"the job ended before {what}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.1)
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def descendants(pid: int) -> list[int]:
@@ -388,7 +310,9 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def stage_pids(stage: str, root_pid: int) -> list[int]:
-    """Pids of the processes below ``root_pid`` running pipeline stage ``stage`` (e.g.
-    ``ProposalStage``): a Ray Data actor's process title names its stage."""
-    return [p for p in descendants(root_pid) if f"({stage})" in _cmdline(p)]
+def kill_tree(root: int) -> None:
+    """SIGKILL ``root`` and every process below it (listed before the first kill, as the
+    orphans of a killed process are handed to init)."""
+    for pid in [root, *descendants(root)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -2,24 +2,38 @@
 
 Each test owns a moto server on its own port (the session's one is left alone). The
 mid-run outage freezes moto with SIGSTOP, so connections hang as in a network outage and
-the finished parts (in moto's memory) survive; SIGCONT ends the outage.
+the finished parts (in moto's memory) survive; SIGCONT ends the outage. It begins while
+the stage gate (tests/stage_gate.py) holds the job with its first block written, so it
+always lands mid-job, and the job goes on into it.
 """
 
 from __future__ import annotations
 
+import socket
+import struct
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
 import numpy as np
 import pytest
+import ray.data
 from botocore.config import Config
 from refseg.pipeline.dataflow.sources import fetch_bytes
 from refseg.pipeline.job import run_label
 from refseg.pipeline.schema import Col
 
-from tests.faults_util import MotoServer, free_port, image_ids, make_job, write_jpegs
+from tests.faults_util import (
+    ROWS_PER_TASK,
+    MotoServer,
+    free_port,
+    image_ids,
+    make_job,
+    wait_until,
+    write_jpegs,
+)
+from tests.stage_gate import StageGate
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -36,21 +50,59 @@ def _s3(url: str):  # a client that never hangs on a frozen server for long
     return boto3.client("s3", endpoint_url=url, config=cfg)
 
 
+class RefusingEndpoint:
+    """A loopback port that takes each connection and resets it at once (the store is
+    down), counting the attempts."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # closed
+                return
+            self.attempts += 1
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    def close(self) -> None:
+        self._sock.close()
+
+
 @pytest.mark.parametrize("where", ["out", "images"])
-def test_endpoint_down_at_start_is_a_clear_error_before_any_work(tiny_setup, tmp_path, where):
-    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+def test_endpoint_down_at_start_is_a_clear_error_before_any_work(
+    tiny_setup, tmp_path, where, monkeypatch
+):
+    dead = RefusingEndpoint()
     images = "s3://in-bucket/targets" if where == "images" else str(tmp_path / "images")
     out = "s3://out-bucket/run" if where == "out" else str(tmp_path / "out")
     write_jpegs(tmp_path / "images", 2)
-    t0 = time.monotonic()
-    with pytest.raises(ConnectionError) as info:
-        run_label(make_job(tiny_setup, images, out, s3_endpoint=dead))
+    graphs: list[str] = []  # every Ray Data stage built, had the job got that far
+    map_batches = ray.data.Dataset.map_batches
+
+    def spy(self, fn, *args, **kwargs):
+        graphs.append(getattr(fn, "__name__", str(fn)))
+        return map_batches(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(ray.data.Dataset, "map_batches", spy)
+    try:
+        with pytest.raises(ConnectionError) as info:
+            run_label(make_job(tiny_setup, images, out, s3_endpoint=dead.url))
+    finally:
+        dead.close()
     message = str(info.value)
     expected = "output location s3://out-bucket/run" if where == "out" else f"images {images}"
     assert message.startswith(f"cannot reach the {expected}: "), message
     assert "AWS Error NETWORK_CONNECTION" in message  # the store's own words
     assert "no work was started" in message and "--s3-endpoint" in message
-    assert time.monotonic() - t0 < 60  # pyarrow's own retries, not Ray's minutes-long ones
+    assert graphs == []  # failed in the driver's check, before any Ray work
+    # one request with the S3 client's own few attempts, not Ray's retries of every task
+    assert 1 <= dead.attempts <= 5, dead.attempts
     assert not (tmp_path / "out").exists()
 
 
@@ -72,15 +124,24 @@ def test_a_missing_object_is_an_error_row(s3_endpoint):
 
 
 class Outage:
-    """Freezes ``moto`` once ``after`` images parts are in the bucket, for ``seconds``
-    (None: until ``end()``), from a background thread."""
+    """Freezes ``moto`` mid-job, from a background thread: once ``gate`` holds the job's
+    first proposal call of its second block and the first block's parts are in the
+    bucket; then lets the job go on into the outage. It ends at ``end()``, or as soon as
+    ``until()`` is true when that is given."""
 
-    def __init__(self, moto: MotoServer, s3, bucket: str, *, after: int, seconds: float | None):
-        self.moto, self.s3, self.bucket = moto, s3, bucket
-        self.after, self.seconds = after, seconds
-        self.began: float | None = None
-        self.ended: float | None = None
-        self._stop = threading.Event()
+    def __init__(
+        self,
+        moto: MotoServer,
+        s3,
+        bucket: str,
+        gate: StageGate,
+        *,
+        until: Callable[[], bool] | None = None,
+    ):
+        self.moto, self.s3, self.bucket, self.gate, self.until = moto, s3, bucket, gate, until
+        self.began = self.ended = False
+        self.parts_at_start: int | None = None
+        self.job_done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -89,23 +150,25 @@ class Outage:
         return len(listing.get("Contents", []))
 
     def _run(self) -> None:
-        while not self._stop.is_set() and self.parts() < self.after:
-            time.sleep(0.2)
-        if self._stop.is_set():
-            return
-        self.moto.pause()
-        self.began = time.monotonic()
-        if self.seconds is not None:
-            self._stop.wait(self.seconds)
+        try:
+            self.gate.wait_held("propose", proc=self.job_done)
+            wait_until(lambda: self.parts() >= ROWS_PER_TASK, timeout=300, what="the first block")
+            self.parts_at_start = self.parts()
+            self.moto.pause()
+            self.began = True
+        finally:
+            self.gate.release("propose")  # the job goes on (into the outage, if it began)
+        if self.until is not None:
+            wait_until(self.until, timeout=600, what="the end of the outage", proc=self.job_done)
             self.end()
 
     def end(self) -> None:
-        self._stop.set()
-        if self.began is not None and self.ended is None:
+        self.job_done.set()
+        if self.began and not self.ended:
             self.moto.resume()
-            self.ended = time.monotonic()
+            self.ended = True
         if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=60)
 
 
 BUCKET = "faults-out"
@@ -135,23 +198,25 @@ def test_outage_longer_than_the_retries_fails_clearly_then_rerun_resumes(
     monkeypatch.setattr(
         "refseg.pipeline.dataflow.graph.IO_RETRIES", 1
     )  # fail sooner: 2 attempts of a part
-    n = 24  # with 8 the fast decoder had written every part before the outage began
+    n = ROWS_PER_TASK + 2
     s3, job = _setup(tiny_setup, tmp_path, moto, n)
-    outage = Outage(moto, s3, BUCKET, after=2, seconds=None)
-    try:
-        with pytest.raises(OSError) as info:
-            run_label(job)
-    finally:
-        outage.end()
-    assert outage.began is not None, "the job ended before the outage began"
+    gate = StageGate(tmp_path / "gate", propose=ROWS_PER_TASK + 1)
+    with gate.in_process():
+        outage = Outage(moto, s3, BUCKET, gate)
+        try:
+            with pytest.raises(OSError) as info:
+                run_label(job)
+        finally:
+            outage.end()
+    assert outage.began, "the outage did not begin"
     message = str(info.value)
-    print(f"\noutage: failed {outage.ended - outage.began:.0f} s after it began: {message}")
     assert message.startswith("the labelling job stopped: OSError: ")
     assert BUCKET in message and "AWS Error NETWORK_CONNECTION" in message
     assert "after 2/2 attempts" in message  # Ray Data's retry of the part write
     assert "rerun the same command" in message and "\n" not in message
     finished = image_ids(OUT, s3_endpoint=moto.url)
-    assert 2 <= len(finished) < n and len(finished) == len(set(finished))
+    assert outage.parts_at_start == len(finished) == ROWS_PER_TASK  # the first block only
+    assert len(finished) == len(set(finished))
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
     assert "run/coco_results.json" not in keys  # the failed run wrote no final files
 
@@ -163,16 +228,19 @@ def test_outage_longer_than_the_retries_fails_clearly_then_rerun_resumes(
 
 @pytest.mark.slow
 def test_outage_shorter_than_the_retries_is_ridden_out(tiny_setup, tmp_path, moto):
-    """40 s without S3 mid-run, longer than the S3 client's own three attempts (~11 s): Ray Data
-    retries the part writes and the job completes as if nothing happened."""
-    n, bucket = 10, "faults-short"
+    """S3 frozen mid-run until Ray Data has retried a part write (so longer than the S3
+    client's own three attempts), then back: Ray Data's further retries write the parts and
+    the job completes as if nothing happened."""
+    n, bucket = ROWS_PER_TASK + 2, "faults-short"
     s3, job = _setup(tiny_setup, tmp_path, moto, n, bucket)
-    outage = Outage(moto, s3, bucket, after=2, seconds=40)
-    try:
-        summary = run_label(job)
-    finally:
-        outage.end()
-    assert outage.began is not None and outage.ended is not None
+    gate = StageGate(tmp_path / "gate", propose=ROWS_PER_TASK + 1)
+    with gate.in_process():
+        outage = Outage(moto, s3, bucket, gate, until=lambda: bool(_retry_log_lines(bucket)))
+        try:
+            summary = run_label(job)
+        finally:
+            outage.end()
+    assert outage.began and outage.ended
     ids = image_ids(f"s3://{bucket}/run", s3_endpoint=moto.url)
     assert len(ids) == len(set(ids)) == n and (summary.images, summary.ok) == (n, n)
     retries = _retry_log_lines(bucket)

@@ -3,7 +3,8 @@
 Before OUT had a lock, the second run's orphan clean-up deleted the first run's in-flight
 instances parts: images were marked done without instances and ``coco_results.json`` was
 left as ``[``. The first run here is a real driver subprocess; the second starts while the
-first is in flight.
+first is held mid-job by the stage gate (tests/stage_gate.py), with its first block of
+images written and the next one being proposed, and the first goes on once it is refused.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 from refseg.pipeline.job import run_label
 
 from tests.faults_util import (
-    REPO,
+    ROWS_PER_TASK,
     image_ids,
     make_job,
     part_names,
@@ -24,6 +25,7 @@ from tests.faults_util import (
     wait_until,
     write_jpegs,
 )
+from tests.stage_gate import StageGate
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -31,26 +33,28 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 def test_a_second_run_on_an_out_in_use_is_refused_and_deletes_nothing(tiny_setup, tmp_path):
     """The issue's case: the second run's clean-up deleted the first's in-flight parts."""
     images, out, log = tmp_path / "images", tmp_path / "out", tmp_path / "driver.log"
-    n = 8
+    n = ROWS_PER_TASK + 2
     write_jpegs(images, n)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = start_driver(tiny_setup["bank"], images, out, env, log)
+    gate = StageGate(tmp_path / "gate", propose=ROWS_PER_TASK + 1)  # the second block's first
+    proc = start_driver(tiny_setup["bank"], images, out, gate.env(), log)
     try:
+        gate.wait_held("propose", proc=proc)
         wait_until(
-            lambda: len(part_names(out / "images")) >= 1,
+            lambda: len(part_names(out / "images")) >= ROWS_PER_TASK,
             timeout=240,
-            what="the first run's first part",
+            what="the first run's first block",
             proc=proc,
         )
         before = part_names(out / "instances") | part_names(out / "images")
         with pytest.raises(OSError, match="is in use by another") as info:
             run_label(make_job(tiny_setup, images, out))
-        assert proc.poll() is None, "the first run ended before the second one started"
         assert f"{out} is in use by another `refseg label` run: pid {proc.pid}" in str(info.value)
         after = part_names(out / "instances") | part_names(out / "images")
         assert before <= after  # nothing of the first run deleted
+        gate.release("propose")
         assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     finally:
+        gate.release("propose")
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
