@@ -161,3 +161,27 @@ def test_export_and_report_see_each_image_once_while_a_killed_compaction_waits(
     assert (summary.images, summary.kept) == (8, 16)
     for sub, n in (("images", 8), ("instances", 16)):
         assert report_data._parquet_dataset(str(root), sub).count_rows() == n
+
+
+def test_index_compaction_and_shards_on_s3(s3_endpoint, small_bounds):
+    import boto3
+    from refseg.pipeline.storage import resolve
+    from refseg.pipeline.store.coco_files import write_coco
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="compaction")
+    out = resolve("s3://compaction/out", s3_endpoint=s3_endpoint)
+    listing = make_parts(out, 16, per_part=2, cache=True)
+    redo.settle(out)  # index, then 8 parts of a tier merged (two groups of 4)
+    stats = write_coco(out, [{"id": 3, "name": "car"}])
+    assert stats["shards"] == 2 and stats["images"] == 16
+    keys = {
+        o["Key"]
+        for o in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="compaction")[
+            "Contents"
+        ]
+    }
+    for kind in ("images", "instances", "proposals"):
+        assert len([k for k in keys if k.startswith(f"out/{kind}/part-")]) == 2, keys
+    assert not [k for k in keys if k.endswith("/")]  # no folder markers left by deletions
+    plan = redo.plan_rerun(out, listing, retry_errors=False)
+    assert len(plan.done) == 16 and index.load(out).fresh == []

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -19,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 from refseg.core.coco import write_json_array
 from refseg.pipeline.schema import Col
 from refseg.pipeline.storage import Location
@@ -26,7 +26,7 @@ from refseg.pipeline.store import index
 from refseg.pipeline.store.atomic import atomic_output
 from refseg.pipeline.store.coco_shards import annotation_rows, image_rows, update_shards
 from refseg.pipeline.store.layout import INSTANCES_DIR
-from refseg.pipeline.store.pool import read_tables
+from refseg.pipeline.store.pool import delete_all, read_tables
 
 __all__ = ["WHOLE_FILES", "WHOLE_MAX_IMAGES", "write_coco"]
 
@@ -81,8 +81,8 @@ def write_coco(
     else:
         stats["results"] = stats["annotations"]
         for name in WHOLE_FILES:
-            with contextlib.suppress(FileNotFoundError):
-                out.fs.delete_file(out.child(name).path)
+            if out.fs.get_file_info(out.child(name).path).type == pafs.FileType.File:
+                delete_all([out.child(name)])
                 log.warning(
                     "%s holds %d images, more than %d: %s is no longer written; the COCO "
                     "shards in %s (or `refseg export --format coco`) hold the labels",

@@ -18,7 +18,6 @@ finds whole files.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -35,7 +34,7 @@ from refseg.pipeline.storage import Location
 from refseg.pipeline.store import index
 from refseg.pipeline.store.atomic import atomic_output, write_bytes
 from refseg.pipeline.store.layout import INSTANCES_DIR, Stamp
-from refseg.pipeline.store.pool import READ_THREADS, map_bounded, read_bytes, read_table
+from refseg.pipeline.store.pool import READ_THREADS, delete_all, map_bounded, read_bytes, read_table
 
 __all__ = ["COCO_DIR", "annotation_rows", "image_rows", "read_shard_index", "update_shards"]
 
@@ -164,7 +163,5 @@ def _collect(out: Location, keep: set[str]) -> None:
         infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
     except OSError:
         return
-    for i in infos:
-        if i.base_name.startswith("shard-") and i.base_name not in keep:
-            with contextlib.suppress(FileNotFoundError):
-                out.fs.delete_file(i.path)
+    gone = [i.base_name for i in infos if i.base_name.startswith("shard-")]
+    delete_all([loc.child(name) for name in gone if name not in keep])

@@ -24,7 +24,6 @@ forgotten before it is deleted (store/index.py).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Iterator
@@ -40,7 +39,7 @@ from refseg.pipeline.store import index, journal, layout
 from refseg.pipeline.store.atomic import atomic_output
 from refseg.pipeline.store.journal import Group
 from refseg.pipeline.store.layout import IMAGES_DIR, INSTANCES_DIR, PROPOSALS_DIR, part_key
-from refseg.pipeline.store.pool import READ_THREADS, map_bounded, read_table
+from refseg.pipeline.store.pool import READ_THREADS, delete_all, map_bounded, read_table
 
 __all__ = [
     "AUTO_MAX_ROWS",
@@ -201,10 +200,8 @@ def _merge(out: Location, g: Group, cached: bool, threads: int) -> int:
             schema = first.schema
         n = _write_stream(out.child(kind, g.target), kind, tables, schema)
         rows = n if kind == IMAGES_DIR else rows
-    for kind in (IMAGES_DIR, *(k for k in kinds if k != IMAGES_DIR)):
-        for s in g.sources:
-            with contextlib.suppress(FileNotFoundError):
-                out.fs.delete_file(out.child(kind, s).path)
+    delete_all([out.child(IMAGES_DIR, s) for s in g.sources])  # the markers first
+    delete_all([out.child(k, s) for k in kinds if k != IMAGES_DIR for s in g.sources])
     return rows
 
 
@@ -227,8 +224,7 @@ def compact(
     rows = 0
     for g in groups:
         rows += _merge(out, g, all(s in cached for s in g.sources), threads)
-    with contextlib.suppress(FileNotFoundError):
-        out.fs.delete_file(out.child(index.INDEX_DIR, journal.JOURNAL).path)
+    delete_all([out.child(index.INDEX_DIR, journal.JOURNAL)])
     merged = sum(len(g.sources) for g in groups)
     log.info("compaction: %d parts merged into %d (%d images)", merged, len(groups), rows)
     return {"groups": len(groups), "parts_merged": merged, "rows": rows}

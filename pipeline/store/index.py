@@ -24,7 +24,6 @@ are few segments; rows of forgotten parts are dropped once they are half of the 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -45,7 +44,13 @@ from refseg.pipeline.store import journal
 from refseg.pipeline.store.atomic import write_bytes
 from refseg.pipeline.store.journal import INDEX_DIR
 from refseg.pipeline.store.layout import IMAGES_DIR, Stamp, finished_stamps
-from refseg.pipeline.store.pool import READ_THREADS, map_bounded, read_bytes, read_tables
+from refseg.pipeline.store.pool import (
+    READ_THREADS,
+    delete_all,
+    map_bounded,
+    read_bytes,
+    read_tables,
+)
 
 __all__ = [
     "INDEX_DIR",
@@ -322,7 +327,5 @@ def _collect(out: Location, keep: set[str]) -> None:
         infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
     except OSError:
         return
-    for i in infos:
-        if i.base_name.startswith("seg-") and i.base_name not in keep:
-            with contextlib.suppress(FileNotFoundError):
-                out.fs.delete_file(i.path)
+    gone = [i.base_name for i in infos if i.base_name.startswith("seg-")]
+    delete_all([loc.child(name) for name in gone if name not in keep])

@@ -17,7 +17,6 @@ Readers that do not hold OUT (export, report, a rematch planning from a cache) a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import Iterable
@@ -27,7 +26,7 @@ from typing import Any
 from refseg.pipeline.storage import Location
 from refseg.pipeline.store.atomic import write_bytes
 from refseg.pipeline.store.layout import IMAGES_DIR, INSTANCES_DIR, PROPOSALS_DIR
-from refseg.pipeline.store.pool import read_bytes
+from refseg.pipeline.store.pool import delete_all, read_bytes
 
 __all__ = ["INDEX_DIR", "JOURNAL", "Group", "hidden", "read_journal", "recover", "write_journal"]
 
@@ -92,18 +91,18 @@ def recover(out: Location, finished: Iterable[str]) -> int:
     if not groups:
         return 0
     done = set(finished)
-    for g in groups:
-        if g.target in done:
-            gone = g.sources
-            dirs = (IMAGES_DIR, INSTANCES_DIR, PROPOSALS_DIR)  # the marker first
-        else:
-            gone = (g.target,)
-            dirs = (INSTANCES_DIR, PROPOSALS_DIR)
-        for name in gone:
-            for d in dirs:
-                with contextlib.suppress(FileNotFoundError):
-                    out.fs.delete_file(out.child(d, name).path)
-    with contextlib.suppress(FileNotFoundError):
-        out.fs.delete_file(_loc(out).path)
+    whole = [g for g in groups if g.target in done]
+    delete_all([out.child(IMAGES_DIR, s) for g in whole for s in g.sources])  # markers first
+    rest = [
+        out.child(d, s) for g in whole for s in g.sources for d in (INSTANCES_DIR, PROPOSALS_DIR)
+    ]
+    cut = [
+        out.child(d, g.target)
+        for g in groups
+        if g.target not in done
+        for d in (INSTANCES_DIR, PROPOSALS_DIR)
+    ]
+    delete_all(rest + cut)
+    delete_all([_loc(out)])
     log.warning("finished an interrupted compaction of %d groups of parts", len(groups))
     return len(groups)

@@ -128,19 +128,18 @@ def remove_orphans(out: Location) -> int:
     COCO assembly failing on the missing part.
     """
     from refseg.pipeline.store import index  # the index imports this module
+    from refseg.pipeline.store.pool import delete_all
 
     instances, images = _list_parts(out.child(INSTANCES_DIR)), _list_parts(out.child(IMAGES_DIR))
     if images - instances:
         index.forget(out, images - instances)  # before the parts go (store/index.py)
-    for name in sorted(images - instances):  # the completion marker first
-        out.fs.delete_file(out.child(IMAGES_DIR, name).path)
+    delete_all([out.child(IMAGES_DIR, n) for n in sorted(images - instances)])  # markers first
     finished = images & instances
     batches = images - instances
     for kind, names in ((INSTANCES_DIR, instances), (PROPOSALS_DIR, None)):
         names = _list_parts(out.child(kind)) if names is None else names
-        for name in sorted(names - finished):
-            out.fs.delete_file(out.child(kind, name).path)
-            batches.add(name)
+        delete_all([out.child(kind, n) for n in sorted(names - finished)])
+        batches |= names - finished
     return len(batches)
 
 

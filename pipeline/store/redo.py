@@ -43,7 +43,7 @@ from refseg.pipeline.schema import Col
 from refseg.pipeline.storage import Location
 from refseg.pipeline.store import compaction, index, layout
 from refseg.pipeline.store.layout import IMAGES_DIR, INSTANCES_DIR, PROPOSALS_DIR, part_key
-from refseg.pipeline.store.pool import read_table
+from refseg.pipeline.store.pool import delete_all, read_table
 from refseg.pipeline.store.record import check_fingerprint, write_run_record
 
 __all__ = ["Plan", "begin_run", "plan_rerun", "retire", "settle", "tidy"]
@@ -198,13 +198,12 @@ def retire(out: Location, drop: dict[str, set[int]]) -> int:
             for d, t in tables.items()
         }
         removed += tables[IMAGES_DIR].num_rows - kept[IMAGES_DIR].num_rows
-        out.fs.delete_file(out.child(IMAGES_DIR, name).path)  # the marker first (docstring)
+        delete_all([out.child(IMAGES_DIR, name)])  # the marker first (docstring)
         if kept[IMAGES_DIR].num_rows:
             key = part_key(kept[IMAGES_DIR].column(Col.IMAGE_ID).to_numpy())
             for d in dirs:
                 layout.write_table(out.child(d, f"part-{key}.parquet"), kept[d])
-        for d in dirs[:-1]:
-            out.fs.delete_file(out.child(d, name).path)
+        delete_all([out.child(d, name) for d in dirs[:-1]])
     return removed
 
 

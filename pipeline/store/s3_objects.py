@@ -5,6 +5,8 @@
   built on. They return None when the precondition fails, instead of raising.
 * ``upload_whole``: a file-like object becomes one object that appears only complete
   (one PUT, or a multipart upload that is aborted on any error), never a partial one.
+* ``get`` (one GET, no HEAD first) and ``delete_many`` (one request per 1,000 keys): how
+  the store reads and deletes many small objects.
 
 Requests go through botocore (installed with s3fs), with the same credential chain as
 pyarrow's S3 filesystem (environment, profile, instance role) and short timeouts, so that
@@ -22,6 +24,7 @@ __all__ = [
     "bucket_key",
     "client",
     "delete_if_match",
+    "delete_many",
     "get",
     "put_if_absent",
     "put_if_match",
@@ -53,7 +56,12 @@ def client(endpoint: str | None, *, quick: bool = False) -> Any:
     if quick:
         config = Config(connect_timeout=3, read_timeout=3, retries={"total_max_attempts": 1})
     else:
-        config = Config(connect_timeout=3, read_timeout=10, retries={"total_max_attempts": 2})
+        config = Config(
+            connect_timeout=3,
+            read_timeout=10,
+            retries={"total_max_attempts": 2},
+            max_pool_connections=32,  # the store's read pool (store/pool.py) shares it
+        )
     session = botocore.session.get_session()
     return session.create_client("s3", endpoint_url=endpoint, region_name=region, config=config)
 
@@ -148,3 +156,23 @@ def upload_whole(endpoint: str | None, path: str, data: IO[bytes]) -> None:
         with contextlib.suppress(Exception):
             s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload)
         raise
+
+
+def delete_many(endpoint: str | None, paths: list[str]) -> None:
+    """Delete the objects ``paths`` (``bucket/key``), 1,000 per request; missing ones are
+    no error. Raises ``OSError`` naming the first key S3 could not delete."""
+    by_bucket: dict[str, list[str]] = {}
+    for path in paths:
+        bucket, key = bucket_key(path)
+        by_bucket.setdefault(bucket, []).append(key)
+    s3 = client(endpoint)
+    for bucket, keys in by_bucket.items():
+        for k in range(0, len(keys), 1000):
+            objects = [{"Key": key} for key in keys[k : k + 1000]]
+            response = s3.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+            errors = response.get("Errors") or []
+            if errors:
+                e = errors[0]
+                raise OSError(
+                    f"s3://{bucket}/{e.get('Key')} could not be deleted: {e.get('Message')}"
+                )
