@@ -21,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
+import tempfile
 
 import pytest
 
@@ -51,19 +53,29 @@ N = ROWS_PER_TASK + 4
 
 @pytest.fixture
 def cluster(tmp_path, monkeypatch):
-    """Head (0 CPUs) + two 2-CPU worker nodes; their Ray workers carry the stage gate."""
+    """Head (0 CPUs) + two 2-CPU worker nodes; their Ray workers carry the stage gate.
+
+    Its files go under a folder of its own (RAY_TMPDIR): ``Cluster`` writes its address to
+    ``<ray tmp>/ray_current_cluster``, and while that is in /tmp/ray every ``ray.init()``
+    on the machine would join this cluster instead of starting its own.
+    """
     from ray.cluster_utils import Cluster
 
     gate = StageGate(tmp_path / "gate", propose=HOLD)
     for key, value in gate.env().items():
         if os.environ.get(key) != value:
             monkeypatch.setenv(key, value)
+    ray_tmp = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # short: Ray's socket paths
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    workers = [c.add_node(num_cpus=2) for _ in range(2)]
-    c.wait_for_nodes()
-    yield c, workers, gate
-    gate.release("propose")
-    c.shutdown()
+    try:
+        workers = [c.add_node(num_cpus=2) for _ in range(2)]
+        c.wait_for_nodes()
+        yield c, workers, gate
+    finally:
+        gate.release("propose")
+        c.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_worker_node_killed_mid_job_finishes_with_every_image_once(

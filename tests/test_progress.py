@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,11 +66,12 @@ def test_file_has_exactly_the_keys_and_is_rewritten_on_its_interval(tmp_path):
         "state": "running",
         "updated": "2026-12-04T18:00:00Z",
     }
-    rep.set_total(40)
+    rep.set_total(40)  # shown at once
+    assert _file(tmp_path) == {**first, "images_total": 40}
     clock.t += 4
     rep.add(8, errors=1)
     rep.tick()
-    assert _file(tmp_path) == first  # not due yet
+    assert _file(tmp_path)["images_done"] == 0  # not due yet
     clock.t += 1
     rep.tick()
     now = _file(tmp_path)
@@ -195,19 +196,45 @@ def test_a_store_that_fails_does_not_stop_the_job(tmp_path, caplog):
     assert len(warnings) == 1  # once, not on every tick
 
 
+def test_the_total_shows_at_once_on_the_bar_and_in_the_file(tmp_path):
+    """Not at the next tick: a short job could end before it (the bar would never show
+    the total, a scheduler never see it while the job runs)."""
+    stream = Tty()
+    rep, clock = _reporter(tmp_path, stream, file_interval_s=5)
+    assert "images [" in stream.getvalue() and "%|" not in stream.getvalue()  # no total yet
+    clock.t += 1
+    rep.set_total(7)
+    assert stream.getvalue().split("\r")[-1].startswith("refseg label:   0%|")
+    assert "0/7 images" in stream.getvalue().split("\r")[-1]
+    assert _file(tmp_path)["images_total"] == 7
+
+
+class _Ticks(ProgressReporter):
+    """Counts the background thread's file writes."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.writes: list[dict] = []
+        self.wrote_done_count = threading.Event()
+
+    def _write(self, snap: dict) -> None:
+        super()._write(snap)
+        self.writes.append(snap)
+        if snap["images_done"] == 2 and threading.current_thread() is self._thread:
+            self.wrote_done_count.set()
+
+
 def test_background_thread_writes_and_stops(tmp_path):
-    rep = ProgressReporter(
+    rep = _Ticks(
         ProgressOptions(file_interval_s=0.05, line_interval_s=0),
         stream=io.StringIO(),
         refresh_s=0.01,
     )
     rep.start(resolve(str(tmp_path)))
     rep.set_total(5)
-    rep.add(2)
-    deadline = time.monotonic() + 10
-    while _file(tmp_path)["images_total"] != 5:
-        assert time.monotonic() < deadline, "the thread never rewrote the file"
-        time.sleep(0.01)
+    rep.add(2)  # only the thread writes this count (add itself writes nothing)
+    assert rep.wrote_done_count.wait(120), "the thread never rewrote the file"  # safety net
     rep.finish("done")
     assert rep._thread is not None and not rep._thread.is_alive()
-    assert _file(tmp_path)["state"] == "done"
+    assert _file(tmp_path)["state"] == "done" and rep.writes[-1]["state"] == "done"
+    assert all(w["state"] == "running" for w in rep.writes[:-1])  # nothing after the final

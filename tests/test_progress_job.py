@@ -1,8 +1,11 @@
 """OUT/progress.json and the progress output of real labelling runs (local and S3).
 
-A poller thread reads progress.json while ``run_label`` runs in the test's thread, so
-what is checked is what a scheduler sees during the run, then after it. Tiny preset,
-random weights, the session's 2-CPU Ray, moto's S3 server on loopback.
+The job's reporter is driven by the test (``Driven``): no background thread; its clock
+moves one second per batch the job finishes, and at the start, when the total is known
+and after each batch, the file is rewritten and read back from the store as a scheduler
+reads it. So what is checked is every state a scheduler can see during the run, then
+after it, with exact counts, rates and ETAs, and nothing is raced. Tiny preset, random
+weights, the session's 2-CPU Ray, moto's S3 server on loopback.
 """
 
 from __future__ import annotations
@@ -14,11 +17,10 @@ import os
 import pty
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import ClassVar
 
 import boto3
 import pytest
@@ -27,7 +29,8 @@ from refseg.pipeline import job as job_module
 from refseg.pipeline.dataflow.settings import PipelineSettings
 from refseg.pipeline.dataflow.sources import ImageSource
 from refseg.pipeline.job import LabelJob, LabelSummary, run_label
-from refseg.pipeline.store.progress import PROGRESS_FILE, ProgressOptions
+from refseg.pipeline.store import progress as progress_module
+from refseg.pipeline.store.progress import PROGRESS_FILE, ProgressOptions, ProgressReporter
 
 from tests.conftest import write_images
 
@@ -59,28 +62,46 @@ def _job(tiny, images: str, out: str, **kw) -> LabelJob:
     )
 
 
+class Driven(ProgressReporter):
+    """The job's reporter, driven by the test (see the module's docstring): ``seen`` holds
+    (what the job had reported, the file read back) at each step."""
+
+    read: ClassVar[Callable[[], bytes | None]] = staticmethod(lambda: None)
+    runs: ClassVar[list[Driven]] = []
+
+    def __init__(self, options: ProgressOptions | None = None, **kw) -> None:
+        self.time = 1000.0
+        super().__init__(options, clock=lambda: self.time, **kw)
+        self.seen: list[tuple[tuple[int, int], dict]] = []
+        Driven.runs.append(self)
+
+    def _look(self) -> None:
+        data = type(self).read()
+        assert data is not None, "progress.json is missing while the job runs"
+        self.seen.append(((self._done, self._errors), json.loads(data)))  # never torn
+
+    def start(self, out, *, already_done: int = 0, thread: bool = True) -> None:
+        super().start(out, already_done=already_done, thread=False)
+        self._look()
+
+    def set_total(self, total: int | None) -> None:
+        super().set_total(total)
+        self._look()
+
+    def add(self, images: int, errors: int = 0) -> None:
+        self.time += 1.0  # one second per batch: longer than the file interval
+        super().add(images, errors)
+        self.tick()
+        self._look()
+
+
 @contextlib.contextmanager
-def _polling(read: Callable[[], bytes | None]) -> Iterator[list[dict]]:
-    """Read progress.json every 50 ms in a thread; yields the list of distinct snapshots."""
-    seen: list[dict] = []
-    stop = threading.Event()
-
-    def poll() -> None:
-        while not stop.is_set():
-            data = read()
-            if data is not None:
-                snap = json.loads(data)  # a torn file would fail here
-                if not seen or snap != seen[-1]:
-                    seen.append(snap)
-            stop.wait(0.05)
-
-    thread = threading.Thread(target=poll, daemon=True)
-    thread.start()
-    try:
-        yield seen
-    finally:
-        stop.set()
-        thread.join(timeout=10)
+def _driven(monkeypatch, read: Callable[[], bytes | None]) -> Iterator[list[Driven]]:
+    """Jobs run in the block report through ``Driven`` reporters (one per run, yielded)."""
+    monkeypatch.setattr(Driven, "read", staticmethod(read))
+    monkeypatch.setattr(Driven, "runs", [])
+    monkeypatch.setattr(progress_module, "ProgressReporter", Driven)
+    yield Driven.runs
 
 
 def _local_reader(out: Path) -> Callable[[], bytes | None]:
@@ -93,49 +114,48 @@ def _local_reader(out: Path) -> Callable[[], bytes | None]:
     return read
 
 
-def _check_snapshots(seen: list[dict], total: int, errors: int) -> None:
-    """What the poller read: this run's snapshots (a rerun first shows the last run's end)."""
-    assert seen, "progress.json never appeared during the run"
-    first = [i for i, s in enumerate(seen) if s["state"] == "running"]
-    assert first, "no snapshot was read while the job ran"
-    assert first[0] <= 1 and all(s["state"] == "done" for s in seen[: first[0]])
-    seen = seen[first[0] :]
-    for snap in seen:
-        assert list(snap) == KEYS
-        assert snap["state"] in ("running", "done")
+def _check_run(run: Driven, final: dict, total: int, errors: int) -> None:
+    """Every snapshot of one run, as read from the store, and its final file."""
+    steps = run.seen
+    assert len(steps) >= 3, "the job reported no finished batch"  # start, total, a batch
+    for _, snap in steps:
+        assert list(snap) == KEYS and snap["state"] == "running"
         when = datetime.fromisoformat(snap["updated"].replace("Z", "+00:00"))
         assert when.tzinfo == timezone.utc and snap["updated"].endswith("Z")
-    running = [s for s in seen if s["state"] == "running"]
-    assert any(s["images_total"] == total for s in running), "the total never showed"
-    done = [s["images_done"] for s in seen]
-    assert done == sorted(done) and all(d <= total for d in done)
-    final = seen[-1]
-    assert final["state"] == "done" and final["eta_seconds"] == 0.0
+    (_, at_start), (_, at_total) = steps[:2]
+    assert (at_start["images_done"], at_start["images_total"]) == (0, None)  # not listed yet
+    assert at_start["eta_seconds"] is None
+    assert (at_total["images_done"], at_total["images_total"]) == (0, total)
+    for k, ((done, errs), snap) in enumerate(steps[2:], start=1):  # k batches, k seconds
+        assert (snap["images_done"], snap["errors"], snap["images_total"]) == (done, errs, total)
+        assert snap["images_per_second"] == round(done / k, 4)
+        assert snap["eta_seconds"] == round((total - done) / (done / k), 1)
+    assert steps[-1][0] == (total, errors)  # every image reported before the end
+    seconds = len(steps) - 2
+    assert list(final) == KEYS and final["state"] == "done" and final["eta_seconds"] == 0.0
     assert (final["images_done"], final["images_total"], final["errors"]) == (total, total, errors)
-    assert final["images_per_second"] > 0
+    assert final["images_per_second"] == round(total / seconds, 4)
 
 
-def test_local_run_progress_during_and_after_then_a_rerun(tiny_setup, tmp_path, capsys):
+def test_local_run_progress_during_and_after_then_a_rerun(
+    tiny_setup, tmp_path, capsys, monkeypatch
+):
     images, out = tmp_path / "images", tmp_path / "out"
     write_images(images, 3)
     (images / "broken.jpg").write_bytes(b"not a jpeg")
-    with _polling(_local_reader(out)) as seen:
+    with _driven(monkeypatch, _local_reader(out)) as runs:
         summary = run_label(_job(tiny_setup, str(images), str(out)))
-        time.sleep(0.2)  # let the poller read the final file
-    assert (summary.images, summary.errors) == (4, 1)
-    _check_snapshots(seen, total=4, errors=1)
-    assert json.loads((out / PROGRESS_FILE).read_text()) == seen[-1]
-    err = capsys.readouterr().err  # pytest's stderr is not a terminal: plain lines
-    assert "refseg label: running: " in err
-    assert "refseg label: done: 4/4 images (100%), 1 error, " in err
+        assert (summary.images, summary.errors) == (4, 1)
+        _check_run(runs[0], json.loads((out / PROGRESS_FILE).read_text()), total=4, errors=1)
+        err = capsys.readouterr().err  # pytest's stderr is not a terminal: plain lines
+        assert "refseg label: running: " in err  # a line each second of the driven clock
+        assert "refseg label: done: 4/4 images (100%), 1 error, " in err
 
-    # a rerun with 1 new image: the total counts this run's images, the COCO files all
-    write_images(images, 1, start=10)
-    with _polling(_local_reader(out)) as seen:
+        # a rerun with 1 new image: the total counts this run's images, the COCO files all
+        write_images(images, 1, start=10)
         again = run_label(_job(tiny_setup, str(images), str(out)))
-        time.sleep(0.2)
-    assert (again.images, again.skipped_done) == (1, 4)
-    _check_snapshots(seen, total=1, errors=0)
+        assert (again.images, again.skipped_done) == (1, 4)
+        _check_run(runs[1], json.loads((out / PROGRESS_FILE).read_text()), total=1, errors=0)
     assert "refseg label: done: 1/1 images (100%), 0 errors, 4 done before, " in (
         capsys.readouterr().err
     )
@@ -159,7 +179,7 @@ def test_a_failed_run_leaves_state_failed(tiny_setup, tmp_path):
     assert final["state"] == "failed" and final["eta_seconds"] is None
 
 
-def test_s3_output_progress_during_and_after(tiny_setup, s3_endpoint, tmp_path):
+def test_s3_output_progress_during_and_after(tiny_setup, s3_endpoint, tmp_path, monkeypatch):
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     s3.create_bucket(Bucket="progress-in")
     s3.create_bucket(Bucket="progress-out")
@@ -175,10 +195,9 @@ def test_s3_output_progress_during_and_after(tiny_setup, s3_endpoint, tmp_path):
     job = _job(
         tiny_setup, "s3://progress-in/targets", "s3://progress-out/run", s3_endpoint=s3_endpoint
     )
-    with _polling(read) as seen:
+    with _driven(monkeypatch, read) as runs:
         run_label(job)
-        time.sleep(0.5)
-    _check_snapshots(seen, total=2, errors=0)
+    _check_run(runs[0], json.loads(read() or b"{}"), total=2, errors=0)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="progress-out")["Contents"]}
     assert not [k for k in keys if "tmp" in k]  # one whole-object put, no temporaries
 

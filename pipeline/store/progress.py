@@ -110,6 +110,7 @@ class ProgressReporter:
         self._stream = stream
         self._clock, self._now, self._refresh_s = clock, now, refresh_s
         self._lock = threading.Lock()
+        self._ticking = threading.Lock()  # the driver (set_total) and the thread both tick
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._out: Location | None = None
@@ -150,9 +151,12 @@ class ProgressReporter:
             self._skipped = int(images)
 
     def set_total(self, total: int | None) -> None:
-        """The number of images this run processes (None: unknown)."""
+        """The number of images this run processes (None: unknown); shown at once once
+        reporting has started (the bar redrawn, progress.json rewritten)."""
         with self._lock:
             self._total = None if total is None else int(total)
+            self._next_file = 0.0
+        self.tick()
 
     def add(self, images: int, errors: int = 0) -> None:
         """``images`` more finished, ``errors`` of them error rows."""
@@ -170,16 +174,17 @@ class ProgressReporter:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        with self._lock:
-            self._state = state
-            if state == "done" and self._total is None:
-                self._total = self._done
-        snap = self.snapshot()
-        if self.on_terminal and not self.options.ray_bars:
-            self._draw(snap, final=True)
-        elif self.options.line_interval_s > 0:
-            self._print_line(snap)
-        self._write(snap)
+        with self._ticking:  # no tick after this one: the final state is the last written
+            with self._lock:
+                self._state = state
+                if state == "done" and self._total is None:
+                    self._total = self._done
+            snap = self.snapshot()
+            if self.on_terminal and not self.options.ray_bars:
+                self._draw(snap, final=True)
+            elif self.options.line_interval_s > 0:
+                self._print_line(snap)
+            self._write(snap)
 
     # ------------------------------------------------------------------- reporting
     def _rate(self, now: float) -> float:
@@ -217,19 +222,20 @@ class ProgressReporter:
 
     def tick(self) -> None:
         """One reporting step: redraw the bar, print a line and rewrite the file when due."""
-        if self._state != "running":
-            return
-        now = self._clock()
-        snap = self.snapshot()
-        if self.on_terminal:
-            if not self.options.ray_bars:
-                self._draw(snap)
-        elif self.options.line_interval_s > 0 and now >= self._next_line:
-            self._next_line = now + self.options.line_interval_s
-            self._print_line(snap)
-        if now >= self._next_file:
-            self._next_file = now + self.options.file_interval_s
-            self._write(snap)
+        with self._ticking:
+            if self._state != "running":
+                return
+            now = self._clock()
+            snap = self.snapshot()
+            if self.on_terminal:
+                if not self.options.ray_bars:
+                    self._draw(snap)
+            elif self.options.line_interval_s > 0 and now >= self._next_line:
+                self._next_line = now + self.options.line_interval_s
+                self._print_line(snap)
+            if now >= self._next_file:
+                self._next_file = now + self.options.file_interval_s
+                self._write(snap)
 
     def _loop(self) -> None:
         while not self._stop.wait(self._refresh_s):
