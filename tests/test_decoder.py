@@ -179,6 +179,19 @@ def test_proposals_equal_the_stock_decoder(config, threshold):
         assert 0 < len(stock[0]) < 36
 
 
+def _assert_same_masks(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """bf16 mask logits ``got`` give float32's masks ``ref`` (both (N, M, H, W)): per mask,
+    foreground IoU >= 0.97 and positive fraction within 0.01 (measured: IoU >= 0.988,
+    fraction within 0.004, Hiera-T and -L). An all-background, all-foreground, inverted
+    or shifted output fails; so does a reference without both foreground and background."""
+    a, b = (got.float() > 0).flatten(2), (ref.float() > 0).flatten(2)
+    frac_got, frac_ref = a.float().mean(-1), b.float().mean(-1)
+    assert bool(((frac_ref > 0.05) & (frac_ref < 0.95)).all()), "a degenerate reference"
+    iou = (a & b).sum(-1) / (a | b).sum(-1).clamp(min=1)
+    assert float(iou.min()) >= 0.97, f"foreground IoU {float(iou.min()):.3f}"
+    assert float((frac_got - frac_ref).abs().max()) <= 0.01
+
+
 def test_bf16_decoder_is_a_bf16_copy_close_to_float32():
     model = _build("sam2.1_hiera_t")
     embed, high_res = _image(model)
@@ -188,9 +201,34 @@ def test_bf16_decoder_is_a_bf16_copy_close_to_float32():
     assert next(fast.decoder.parameters()).dtype == torch.bfloat16
     assert next(model.sam_mask_decoder.parameters()).dtype == torch.float32  # untouched
     got, _ = fast(fast.prepare(embed, high_res), sparse)
-    assert got.dtype == torch.bfloat16
-    agree = ((got.float() > 0) == (low > 0)).float().mean()
-    assert float(agree) > 0.95
+    assert got.dtype == torch.bfloat16 and got.shape == low.shape == (16, 3, SIZE // 4, SIZE // 4)
+    _assert_same_masks(got, low)
+
+
+@pytest.fixture(scope="module")
+def float32_masks() -> torch.Tensor:
+    model = _build("sam2.1_hiera_t")
+    embed, high_res = _image(model)
+    coords, labels = _prompts("points", 16)
+    return _stock(model, embed, high_res, coords, labels, True)[1]
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        torch.zeros_like,  # all background
+        torch.ones_like,  # all foreground
+        torch.neg,  # inverted
+        lambda x: torch.roll(x, 2, dims=-1),  # shifted by two pixels
+        lambda x: x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))],
+    ],
+    ids=["zeros", "ones", "inverted", "shifted", "prompts-swapped"],
+)
+def test_the_bf16_mask_check_fails_on_broken_masks(float32_masks, broken):
+    low = float32_masks
+    _assert_same_masks(low.to(torch.bfloat16), low)  # the check passes on the real thing
+    with pytest.raises(AssertionError):
+        _assert_same_masks(broken(low).to(torch.bfloat16), low)
 
 
 def test_automatic_prompt_batch():
@@ -227,7 +265,7 @@ def test_fast_decoder_on_cuda(config):
     assert float((got_iou - iou).abs().max()) <= 1e-5
     half = SharedImageDecoder(model, dtype=torch.bfloat16)
     got_bf16, _ = half(half.prepare(embed, high_res), sparse)
-    assert float(((got_bf16.float() > 0) == (low > 0)).float().mean()) > 0.95
+    _assert_same_masks(got_bf16, low)
 
 
 def test_fast_decoder_refuses_a_stand_in_with_the_fix():

@@ -22,26 +22,45 @@ def tiny_model():
 
 @pytest.mark.parametrize(
     ("points", "batch", "iou", "no_mem"),
-    [(4, 5, 0.0, False), (3, 64, 0.4, True), (2, 1, 2.0, False)],
+    [(4, 5, 0.0, False), (3, 64, "median", True), (2, 1, 2.0, False)],
 )
 def test_propose_shapes_filters_and_all_prompts(tiny_model, points, batch, iou, no_mem):
     from refseg.core.proposals import Sam2Proposer
 
-    m = MethodConfig(
-        points_per_side=points, prompt_batch=batch, iou_threshold=iou, add_no_mem_embed=no_mem
-    )
-    prop = Sam2Proposer(tiny_model, m)
-    out = prop.propose(torch.rand(2, 3, 256, 256), [(256, 256), (256, 128)], [(50, 60), (9, 9)])
-    assert len(out) == 2
-    for p in out:
-        assert p.logits.shape[1:] == (64, 64) and not torch.isnan(p.logits).any()
-        assert bool((p.iou > iou).all())
-        if iou == 0.0:  # every prompt decoded, also the last partial batch
-            assert len(p) == points * points
-        if iou > 1.5:
-            assert len(p) == 0  # nothing passes: an empty, valid result
-    if len(out[1]):
-        assert out[1].points[:, 0].max() <= 128  # grid over the valid region
+    image = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    valid, orig = [(256, 256), (256, 128)], [(50, 60), (9, 9)]
+
+    def propose(threshold: float):
+        m = MethodConfig(
+            points_per_side=points,
+            prompt_batch=batch,
+            iou_threshold=threshold,
+            add_no_mem_embed=no_mem,
+        )
+        return Sam2Proposer(tiny_model, m).propose(image, valid, orig)
+
+    if iou != "median":  # 0.0: every prompt passes (random weights predict IoUs > 0); 2.0: none
+        out = propose(iou)
+        assert [len(p) for p in out] == [points * points if iou == 0.0 else 0] * 2
+        for p in out:
+            assert p.logits.shape[1:] == (64, 64) and not torch.isnan(p.logits).any()
+            assert p.iou.shape == (len(p),) and bool((p.iou > iou).all())
+        if iou == 0.0:  # also the last partial batch; the grid covers each valid region
+            assert 128 < float(out[0].points[:, 0].max()) <= 256
+            assert 64 < float(out[1].points[:, 0].max()) <= 128  # the second is 128 wide
+        return
+    # halfway between two predicted IoUs near the median: some prompts pass, some do not
+    every = propose(-1.0)
+    ious = torch.cat([e.iou for e in every]).sort().values
+    k = next(j for j in range(len(ious) // 2, len(ious) - 1) if ious[j + 1] - ious[j] > 1e-5)
+    cut = float(ious[k] + ious[k + 1]) / 2
+    out = propose(cut)
+    for p, e in zip(out, every, strict=True):
+        keep = e.iou > cut
+        assert len(p) == int(keep.sum())  # exactly the prompts above the threshold
+        assert torch.equal(p.points, e.points[keep])
+        assert torch.allclose(p.iou, e.iou[keep]) and torch.allclose(p.logits, e.logits[keep])
+    assert 0 < sum(len(p) for p in out) < 2 * points * points
 
 
 @pytest.mark.parametrize(
