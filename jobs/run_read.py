@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from refseg.pipeline.schema import Col
@@ -50,16 +49,7 @@ def run_categories(out: Location) -> dict[int, str]:
 
 def _by_part(rows: pa.Table) -> list[tuple[str, pa.Table]]:
     """The rows of each part, parts by name, rows in their order within the part."""
-    if not rows.num_rows:
-        return []
-    part = rows.column(index.PART).to_numpy(zero_copy_only=False)
-    order = np.argsort(part, kind="stable")
-    names, starts = np.unique(part[order], return_index=True)
-    ends = [*starts[1:].tolist(), len(order)]
-    return [
-        (str(p), rows.take(pa.array(order[a:b])))
-        for p, a, b in zip(names.tolist(), starts.tolist(), ends, strict=True)
-    ]
+    return [(p, rows.take(pa.array(at))) for p, at in index.row_groups(rows).items()]
 
 
 def iter_images(

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray.data
 from refseg.core.config import MethodConfig, ModelConfig
 from refseg.core.memory_bank import MemoryBank
@@ -31,9 +30,8 @@ from refseg.pipeline.dataflow.proposal_cache import (
 )
 from refseg.pipeline.dataflow.settings import PipelineSettings, Resources
 from refseg.pipeline.run import JobSummary, Todo, run_job
-from refseg.pipeline.schema import Col
 from refseg.pipeline.storage import Location, resolve
-from refseg.pipeline.store import layout
+from refseg.pipeline.store import index, layout
 from refseg.pipeline.store.progress import ProgressOptions, ProgressReporter
 from refseg.pipeline.store.record import read_run_record
 
@@ -191,14 +189,18 @@ class RematchJob:
     command = "rematch"
 
     def check_inputs(self, out: Location, bank: MemoryBank) -> None:
+        """OUT is not the run being rematched (``Job.check_inputs``; the bank was checked
+        against the cache by ``check_fits``)."""
         runs = {self.cache.run.uri.rstrip("/"), self.cache.location.uri.rstrip("/")}
         if out.uri.rstrip("/") in runs:
             raise ValueError(f"--out {out.uri} is the run being rematched: choose a new folder")
 
     def start_fields(self, bank_sha: str) -> dict[str, Any]:
+        """run.json before the first part: the preset and the run rematched."""
         return {"preset": self.preset, "rematch": {"run": self.cache.run.uri}}
 
     def plan(self, out: Location) -> Todo:
+        """The cache parts with images still to do; the source lists them (``Job.plan``)."""
         done = layout.done_image_ids(out)
         items, todo = _plan(self.cache, done)
         cached = self.cache.record.get("counts", {}).get("total", {}).get("images")
@@ -213,7 +215,8 @@ class RematchJob:
         return Todo(done, source)
 
     def stages(self, bank_bytes: bytes) -> RematchStages:
-        return RematchStages(self.method, bank_bytes, self.cache.location)
+        """read cached proposal parts -> match their pooled features (``Job.stages``)."""
+        return RematchStages(self.method, bank_bytes, self.cache.location, self.model.device)
 
     def finish_record(self, record: dict[str, Any], resources: Resources) -> None:
         """run.json as ``refseg label`` writes it, plus where the cache is."""
@@ -233,9 +236,9 @@ def _plan(cache: ProposalCache, done: np.ndarray) -> tuple[list[dict[str, Any]],
     if not len(done):
         return [{"part": name, "keep": []} for name in cache.parts], len(cache.parts)
     items, n = [], 0
+    by_part = index.ids_by_part(cache.location)  # the cache run's index, not every part
     for name in cache.parts:
-        with cache.location.fs.open_input_file(cache.location.child(PROPOSALS_DIR, name).path) as f:
-            ids = pq.read_table(f, columns=[Col.IMAGE_ID]).column(Col.IMAGE_ID).to_numpy()
+        ids = by_part[name]
         keep = ids[~np.isin(ids, done)]
         if len(keep) == len(ids):
             items.append({"part": name, "keep": []})

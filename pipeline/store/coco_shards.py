@@ -24,7 +24,6 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -110,14 +109,7 @@ def _write_shard(
 
 
 def _by_part(rows: pa.Table) -> dict[str, pa.Table]:
-    part = rows.column(index.PART).to_numpy(zero_copy_only=False)
-    order = np.argsort(part, kind="stable")
-    names, starts = np.unique(part[order], return_index=True)
-    ends = [*starts[1:].tolist(), len(order)]
-    return {
-        str(p): rows.take(pa.array(order[a:b]))
-        for p, a, b in zip(names.tolist(), starts.tolist(), ends, strict=True)
-    }
+    return {p: rows.take(pa.array(at)) for p, at in index.row_groups(rows).items()}
 
 
 def update_shards(

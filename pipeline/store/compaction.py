@@ -113,17 +113,13 @@ def _pack(names: list[str], rows: dict[str, int], size: dict[str, int]) -> Itera
 
 
 def _groups(snap: index.Snapshot, chunks: list[list[str]]) -> list[Group]:
-    part = snap.rows.column(index.PART).to_numpy(zero_copy_only=False)
-    ids = snap.ids
-    order = np.argsort(part, kind="stable")
-    names, starts = np.unique(part[order], return_index=True)
-    ends = [*starts[1:].tolist(), len(order)]
-    bounds = {p: (int(a), int(b)) for p, a, b in zip(names.tolist(), starts, ends, strict=True)}
-    groups = []
-    for chunk in chunks:
-        members = np.concatenate([ids[order[slice(*bounds[p])]] for p in chunk])
-        groups.append(Group(f"part-{part_key(members)}.parquet", tuple(chunk)))
-    return groups
+    if not chunks:
+        return []
+    ids, at = snap.ids, index.row_groups(snap.rows)
+    return [
+        Group(f"part-{part_key(np.concatenate([ids[at[p]] for p in chunk]))}.parquet", tuple(chunk))
+        for chunk in chunks
+    ]
 
 
 def full_groups(snap: index.Snapshot) -> list[Group]:

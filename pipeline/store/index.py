@@ -59,7 +59,9 @@ __all__ = [
     "Snapshot",
     "conform",
     "forget",
+    "ids_by_part",
     "load",
+    "row_groups",
     "read_pointer",
     "update_index",
 ]
@@ -231,6 +233,27 @@ def load(out: Location, *, threads: int = READ_THREADS) -> Snapshot:
         listed = {p: s for p, s in listed.items() if p not in gone}
     rows = pa.concat_tables(tables) if tables else ROWS_SCHEMA.empty_table()
     return Snapshot(out, rows, listed, covered, read, pointer)
+
+
+def row_groups(rows: pa.Table) -> dict[str, np.ndarray]:
+    """Part name -> int64 positions of its rows in ``rows`` (in row order), parts by name.
+
+    Grouped through the dictionary codes of the ``part`` column (integers sort fast)."""
+    if not rows.num_rows:
+        return {}
+    codes = pc.dictionary_encode(rows.column(PART)).combine_chunks()
+    names = codes.dictionary.to_pylist()
+    idx = codes.indices.to_numpy()
+    order = np.argsort(idx, kind="stable")
+    starts = np.searchsorted(idx[order], np.arange(len(names) + 1))
+    return {names[c]: order[starts[c] : starts[c + 1]] for c in np.argsort(names)}
+
+
+def ids_by_part(out: Location) -> dict[str, np.ndarray]:
+    """int64 image ids of each finished part, from the index (``load``)."""
+    rows = load(out).rows
+    ids = rows.column(Col.IMAGE_ID).to_numpy()
+    return {p: ids[at] for p, at in row_groups(rows).items()}
 
 
 def forget(out: Location, names: Iterable[str]) -> None:

@@ -114,8 +114,9 @@ def finished_parts(out: Location) -> list[str]:
 
 
 def cached_parts(out: Location) -> list[str]:
-    """Names of the finished parts that have a proposal-cache part."""
-    return sorted(_list_parts(out.child(PROPOSALS_DIR)) & set(finished_parts(out)))
+    """Names of the finished parts that have a proposal-cache part (those of a compaction
+    in progress whose rows are already in its target left out, as ``live_parts``)."""
+    return sorted(_list_parts(out.child(PROPOSALS_DIR)) & set(live_parts(out)))
 
 
 def remove_orphans(out: Location) -> int:

@@ -256,12 +256,11 @@ def settle(out: Location, *, compact: bool = True) -> int:
     ids = snap.ids
     drop: dict[str, set[int]] = defaultdict(set)
     if len(np.unique(ids)) < len(ids):
-        parts = snap.rows.column(index.PART).to_pylist()
         first: dict[int, str] = {}
-        for n in np.argsort(parts, kind="stable").tolist():  # the first part by name keeps it
-            iid = int(ids[n])
-            if first.setdefault(iid, parts[n]) != parts[n]:
-                drop[parts[n]].add(iid)
+        for part, at in index.row_groups(snap.rows).items():  # the first part by name keeps it
+            for iid in ids[at].tolist():
+                if first.setdefault(iid, part) != part:
+                    drop[part].add(iid)
     if drop:
         log.warning(
             "removing %d rows of images labelled twice (by an earlier run's workers that "
