@@ -8,21 +8,36 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shutil
+import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import refseg.core.ops
+import refseg.core.rle
 import torch
-from refseg.core.factory import compile_dinov2, compile_sam2
+from flops import flop_counter
+from refseg.core.factory import COMPILE_BACKEND, set_tf32
+from refseg.core.features import DinoEncoder
 from refseg.core.imaging import PreparedTarget
 from refseg.core.instances import Instances
+from refseg.core.models import LoadedModel
+from refseg.core.proposals import Sam2Proposer
 from refseg.core.segmenter import Segmenter
 from refseg.core.tensors import stack_targets
-from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["sync", "configured", "label_all", "StageClock", "count_flops", "compare"]
+__all__ = [
+    "sync",
+    "configured",
+    "label_all",
+    "StageClock",
+    "UtilisationSampler",
+    "count_flops",
+    "compare",
+]
 
 
 def sync(device: torch.device) -> None:
@@ -31,8 +46,10 @@ def sync(device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def configured(seg: Segmenter, v: Any) -> Iterator[None]:
-    """Set a variant's options on built models; restore them (and uncompile) on exit."""
+def configured(seg: Segmenter, v: Any, *, tf32: bool = False) -> Iterator[None]:
+    """Set a variant's options on built models; restore them (and uncompile) on exit.
+
+    TF32 is on for the variant when ``v.tf32`` or ``tf32`` (every variant) is set."""
     method = seg.proposer.method
     new = dataclasses.replace(
         method,
@@ -43,17 +60,22 @@ def configured(seg: Segmenter, v: Any) -> Iterator[None]:
     )
     seg.proposer.method = seg.matcher.method = new
     seg.matcher.encoder.autocast_bf16 = v.bf16
-    sam, dino = seg.proposer.model, seg.matcher.encoder.model
-    originals = (sam.image_encoder, sam.sam_mask_decoder.transformer, dino.blocks)
-    if v.compile:
-        compile_sam2(sam)
-        compile_dinov2(dino)
+    proposer, encoder = seg.proposer, seg.matcher.encoder
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    set_tf32(tf32 or v.tf32, proposer.device)
+    if v.compile:  # what --compile builds: the same models, compiled where they run
+        seg.proposer = Sam2Proposer(proposer.model, new, compile_backend=COMPILE_BACKEND)
+        loaded = LoadedModel(encoder.model, encoder.name, None, encoder.checkpoint_sha256, True)
+        seg.matcher.encoder = DinoEncoder(
+            loaded, encoder.image_size, autocast_bf16=v.bf16, compile_backend=COMPILE_BACKEND
+        )
     try:
         yield
     finally:
+        seg.proposer, seg.matcher.encoder = proposer, encoder
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
         seg.proposer.method = seg.matcher.method = method
         seg.matcher.encoder.autocast_bf16 = method.autocast_bf16
-        sam.image_encoder, sam.sam_mask_decoder.transformer, dino.blocks = originals
 
 
 def label_all(seg: Segmenter, targets: list[PreparedTarget], batch: int) -> list[Instances]:
@@ -115,6 +137,76 @@ class StageClock:
             ops.soft_merge_scores = saved
 
 
+class UtilisationSampler:
+    """GPU utilisation (% of time a kernel ran) sampled every ``interval`` s in a thread.
+
+    Reads ``torch.cuda.utilization`` (NVML, through the ``nvidia-ml-py`` package) or, where
+    that fails, ``nvidia-smi --query-gpu=utilization.gpu``. ``summary()``: mean, min, max
+    and the sample count; empty when neither source answers (or on CPU).
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.1) -> None:
+        self.device, self.interval = device, interval
+        self.samples: list[float] = []
+        self.source = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> float | None:
+        if self.source in ("", "nvml"):
+            try:
+                value = float(torch.cuda.utilization(self.device))
+                self.source = "nvml"
+                return value
+            except Exception:
+                if self.source == "nvml":
+                    return None
+        exe = shutil.which("nvidia-smi")
+        if exe is None:
+            return None
+        index = self.device.index or 0
+        out = subprocess.run(
+            [exe, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", f"-i={index}"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        ).stdout.strip()
+        try:
+            self.source = "nvidia-smi"
+            return float(out.splitlines()[0])
+        except (ValueError, IndexError):
+            return None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            value = self._read()
+            if value is not None:
+                self.samples.append(value)
+
+    def __enter__(self) -> UtilisationSampler:
+        if self.device.type == "cuda":
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def summary(self) -> dict[str, Any]:
+        if not self.samples:
+            return {}
+        return {
+            "gpu_util_mean_pct": float(np.mean(self.samples)),
+            "gpu_util_min_pct": float(np.min(self.samples)),
+            "gpu_util_max_pct": float(np.max(self.samples)),
+            "gpu_util_samples": len(self.samples),
+            "gpu_util_source": self.source,
+        }
+
+
 def count_flops(seg: Segmenter, target: PreparedTarget) -> dict[str, float]:
     """TFLOP of one image: SAM2 encoder, SAM2 decoder (all prompts), DINOv2, total."""
     batch = stack_targets([target])
@@ -125,12 +217,19 @@ def count_flops(seg: Segmenter, target: PreparedTarget) -> dict[str, float]:
         ("dinov2", lambda: seg.matcher.target_features(batch)),
         ("total", lambda: seg.label_prepared([target])),
     ):
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()  # CUDA's attention kernels are in its own table
         with counter:
             fn()
         out[name] = counter.get_total_flops() / 1e12
     out["sam2_decoder"] = out.pop("sam2_total") - out["sam2_encoder"]
     return out
+
+
+def _masks(inst: Instances) -> np.ndarray:
+    """(N, H, W) bool masks: dense ones, or decoded from the RLEs matching returns."""
+    if inst.masks is not None:
+        return inst.masks
+    return np.stack([refseg.core.rle.decode_rle(r) for r in inst.rles or ()]).astype(bool)
 
 
 def compare(base: list[Instances], other: list[Instances], device: torch.device) -> dict:
@@ -142,8 +241,8 @@ def compare(base: list[Instances], other: list[Instances], device: torch.device)
         n_base, n_other = n_base + len(a), n_other + len(b)
         if not len(a) or not len(b):
             continue
-        ma = torch.from_numpy(a.masks).to(device).flatten(1).float()
-        mb = torch.from_numpy(b.masks).to(device).flatten(1).float()
+        ma = torch.from_numpy(_masks(a)).to(device).flatten(1).float()
+        mb = torch.from_numpy(_masks(b)).to(device).flatten(1).float()
         inter = ma @ mb.T
         union = ma.sum(1)[:, None] + mb.sum(1)[None] - inter
         iou = (inter / union.clamp(min=1)).cpu().numpy()

@@ -14,8 +14,11 @@ copy back to the host. Every variant runs on the same prepared images after warm
   bf16-fast         bf16 with the fast decoder (run natively in bf16)
   fp32-prompts1024  all 1024 prompts of an image in one decoder call
   fp32-images4      4 images per call through both encoders
-  fp32-compile      torch.compile of the SAM2 image encoder, the mask decoder's transformer
-                    and the DINOv2 blocks
+  fp32-compile      --compile with SAM2's own decoder: torch.compile of the image encoder,
+                    SAM2's mask decoder and DINOv2's forward pass
+  fp32-fast-compile --compile with the default decoder: the image encoder, the fast
+                    decoder's per-prompt work and DINOv2's forward pass
+  fp32-fast-tf32    --tf32 with the default decoder: TF32 in float32 matmuls and convolutions
   fp32-lowres       MethodConfig.merge_resolution="lowres": soft merging on the 256x256
                     masks, only the kept top-100 upsampled to the image size
   bf16-all          all of the above together (with the fast decoder)
@@ -24,14 +27,16 @@ Each variant's instances are compared with float32's on the first ``--check-imag
 instances are paired greedily by mask IoU within a category; ``recall`` is the share of
 float32 instances with a partner at IoU >= 0.5, ``precision`` the same the other way.
 Tolerance: recall, precision and mean IoU of pairs >= 0.98 for float32 variants, >= 0.90 for
-bf16 ones. Random weights make the outputs meaningless but keep the work of real weights
+bf16 and TF32 ones. Random weights make the outputs meaningless but keep the work of real weights
 except for the number of proposals that pass the IoU filter (printed; ``--weights official``
 loads the real checkpoints from the cache).
 
 FLOPs: ``torch.utils.flop_counter`` on one float32 image, and the issue's floor for the
 paper's setting, 6.43 TFLOP per image (SAM2-L encoder 1.77 + 1024 prompts decoded 3.65 +
 DINOv2-L at 518 1.01); TFLOP/s are both figures times images/s; ``%peak`` is against the
-card's dense bf16 peak. Target: >= 25 images/s per H100.
+card's dense bf16 peak. Target: >= 25 images/s per H100. GPU utilisation is sampled during
+each timed pass (NVML through torch.cuda.utilization, else nvidia-smi, every 0.1 s).
+Images go to the GPU as uint8 (``Segmenter``), as in the pipeline.
 
     python bench/gpu.py                 # every variant, 32 images (CUDA only)
     python bench/gpu.py --bf16          # float32 and bf16 only
@@ -66,10 +71,11 @@ class Variant:
     compile: bool = False
     lowres_merge: bool = False
     decoder: str = "stock"
+    tf32: bool = False
 
     @property
     def tolerance(self) -> float:
-        return 0.90 if self.bf16 else 0.98
+        return 0.90 if self.bf16 or self.tf32 else 0.98
 
 
 VARIANTS = {
@@ -82,6 +88,8 @@ VARIANTS = {
         Variant("fp32-prompts1024", prompt_batch=1024),
         Variant("fp32-images4", image_batch=4),
         Variant("fp32-compile", compile=True),
+        Variant("fp32-fast-compile", compile=True, prompt_batch=0, decoder="fast"),
+        Variant("fp32-fast-tf32", tf32=True, prompt_batch=0, decoder="fast"),
         Variant("fp32-lowres", lowres_merge=True),
         Variant(
             "bf16-all",
@@ -116,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=10, help="one-shot classes in the bank")
     p.add_argument("--image-size", default="480x640", help="target image HxW")
     p.add_argument("--weights", choices=["random", "official"], default="random")
-    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (all variants)")
+    p.add_argument("--tf32", action="store_true", help="TF32 in every variant (--tf32)")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the card")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny preset on CPU, 2 images")
     p.add_argument("--out-dir", default=None, help="JSON folder (default bench/results)")
@@ -129,9 +137,17 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from _gpu_run import StageClock, compare, configured, count_flops, label_all, sync
+    from _gpu_run import (
+        StageClock,
+        UtilisationSampler,
+        compare,
+        configured,
+        count_flops,
+        label_all,
+        sync,
+    )
     from refseg.core.config import get_preset, replace
-    from refseg.core.factory import build_encoder, build_proposer
+    from refseg.core.factory import build_encoder, build_proposer, set_tf32
     from refseg.core.imaging import prepare_target
     from refseg.core.matching import Matcher
     from refseg.core.segmenter import Segmenter
@@ -149,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         preset = get_preset("ntt")
         device = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    set_tf32(args.tf32, device)
     hw = tuple(int(v) for v in args.image_size.lower().split("x"))
     model = replace(preset.model, device=device.type, random_weights=args.weights == "random")
     method = preset.method
@@ -179,15 +195,20 @@ def main(argv: list[str] | None = None) -> int:
     rows, base = [], None
     for name in variants:
         v = VARIANTS[name]
-        with configured(seg, v):
+        with configured(seg, v, tf32=args.tf32):
+            t_warm = time.perf_counter()
             label_all(seg, warm, v.image_batch)
+            sync(device)
+            warmup_s = time.perf_counter() - t_warm  # with --compile: mostly compiling
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             sync(device)
-            t0 = time.perf_counter()
-            results = label_all(seg, timed_targets, v.image_batch)
-            sync(device)
-            seconds = time.perf_counter() - t0
+            with UtilisationSampler(device) as util:
+                t0 = time.perf_counter()
+                results = label_all(seg, timed_targets, v.image_batch)
+                sync(device)
+                seconds = time.perf_counter() - t0
+            prompt_batch = seg.proposer.prompt_batch((size // 16, size // 16))
             clock = StageClock(seg, device)
             with clock.installed():
                 label_all(seg, timed_targets[: args.profile_images], v.image_batch)
@@ -211,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             "precision": check["precision"],
             "mean_iou": check["mean_iou"],
             "within_tolerance": ok,
+            "warmup_s": warmup_s,
+            "prompt_batch": prompt_batch,
+            **util.summary(),
         }
         row["stage_ms_per_image"] = {
             k: s / args.profile_images * 1e3 for k, s in clock.seconds.items()
@@ -227,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "tflops_floor",
         "pct_bf16_peak",
         "gpu_mem_gib",
+        "gpu_util_mean_pct",
         "recall",
         "precision",
         "mean_iou",

@@ -23,20 +23,21 @@ STOCK_PROMPT_BATCH = 256
 CPU_PROMPT_BATCH = 16
 #: Peak bytes of fast-decoder working memory per prompt at a 64 x 64 embedding, float32
 #: (bench/decoder.py's peak_mib_per_call: 12-14 MiB at batches 16-64, rounded up; SAM2's
-#: own call needs 28 MiB); bf16 needs half. Measured on CPU: on CUDA ``Sam2Proposer``
-#: measures its own (``probe_bytes_per_prompt``) and uses this only if the probe fails.
+#: own call needs 28 MiB); bf16 needs half. Measured on CPU, so on CUDA ``Sam2Proposer``
+#: measures its own (``probe_bytes_per_prompt``); this is ``auto_prompt_batch``'s fallback.
 BYTES_PER_PROMPT_64 = 16 * 2**20
 
 
-#: FLOPs per image (GFLOP, float32, ``torch.utils.flop_counter``: 2 per multiply-add) of the
-#: two model stages at the ``ntt`` preset with the default fast decoder. "propose": SAM2
-#: Hiera-L's image encoder at 1024 (1620) + the decoder's per-image work + prompt encoder and
-#: mask decoder for the 32 x 32 grid prompts (1024 x 1.448); "match": DINOv2 ViT-L/14 at 518
-#: (829) + pooling 800 proposals (6.8) + scoring, NMS and soft merging (23, synthetic scene
-#: at 480 x 640). Measured by ``python bench/flops.py`` (bench/results/flops.json; the prompt
-#: part counted on 64 prompts and scaled, exactly linear). Their ratio, 3.6 : 1, splits the
-#: GPUs between the SAM2 and DINOv2 pools. (SAM2's stock decoder: "propose" 5260.)
-STAGE_GFLOP_PER_IMAGE: dict[str, float] = {"propose": 3103.2, "match": 858.7}
+#: FLOPs per image (GFLOP, float32, ``torch.utils.flop_counter``: 2 per multiply-add,
+#: attention included) of the two model stages at the ``ntt`` preset with the default fast
+#: decoder. "propose": SAM2 Hiera-L's image encoder at 1024 (1823) + the decoder's per-image
+#: work (0.8) + prompt encoder and mask decoder for the 32 x 32 grid (1024 x 1.465);
+#: "match": DINOv2 ViT-L/14 at 518 (1014) + pooling 800 proposals (6.8) + scoring, NMS and
+#: soft merging (53, a synthetic scene at 480 x 640: it depends on the scene). Measured by
+#: ``python bench/flops.py`` (bench/results/flops.json; the prompt part counted on 64
+#: prompts and scaled, exactly linear). Their ratio, 3.1 : 1 (SAM2 76 % of the FLOPs),
+#: splits the GPUs between the SAM2 and DINOv2 pools. SAM2's stock decoder: "propose" 5550.
+STAGE_GFLOP_PER_IMAGE: dict[str, float] = {"propose": 3323.6, "match": 1073.0}
 
 #: Prompts of the probe decoder call that measures the bytes per prompt on CUDA.
 PROBE_PROMPTS = 64
