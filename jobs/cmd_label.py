@@ -10,14 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import warnings
 from typing import Any
 
-from refseg.core.checkpoints import default_checkpoint_for, resolve_checkpoint
-from refseg.core.config import ModelConfig
 from refseg.jobs.options import add_model_args, flag, load_config_file, resolve_configs
 
-__all__ = ["add_label_args", "run_label", "PIPELINE_FLAGS", "pipeline_settings", "preflight"]
+__all__ = ["add_label_args", "run_label", "PIPELINE_FLAGS", "pipeline_settings", "with_job_device"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +33,11 @@ PIPELINE_FLAGS: dict[str, tuple[type, str]] = {
     "torch_threads": (int, "torch threads per CPU actor"),
     "match_torch_threads": (int, "torch threads of the matching actor (default: as above)"),
     "max_pixels": (int, "images with more pixels are error rows (decompression bombs)"),
+    "max_gpus": (
+        int,
+        "the most GPUs the job uses (default: the most the cluster can provide; 0: CPU only)",
+    ),
+    "gpu_wait_s": (float, "seconds to wait for a first GPU node before failing (default 900)"),
 }
 _JOB_FLAGS: dict[str, tuple[type, str]] = {
     "s3_endpoint": (str, "S3-compatible endpoint URL (MinIO, moto); or AWS_ENDPOINT_URL"),
@@ -121,62 +123,20 @@ def pipeline_settings(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any
     return PipelineSettings(**values)
 
 
+def with_job_device(model: Any, args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
+    """``model`` with ``device="auto"`` unless ``--device`` (or the config file) names one:
+    a Ray job's resource plan then picks GPUs when the cluster has or can start them."""
+    if _job_value(args, file_cfg, "device") is not None:
+        return model
+    return dataclasses.replace(model, device="auto")
+
+
 def _job_value(args: argparse.Namespace, file_cfg: dict[str, Any], name: str) -> Any:
     value = getattr(args, name, None)
     return file_cfg.get(name) if value is None else value
 
 
-def _checkpoint_sha(family: str, arch: str, spec: str | None) -> str | None:
-    if spec is None:
-        official = default_checkpoint_for(family, arch)  # type: ignore[arg-type]
-        if official is None:
-            return None  # the models layer names the problem when it builds
-        spec = official.name
-    return resolve_checkpoint(spec).sha256
-
-
-def preflight(model: ModelConfig) -> dict[str, str | None]:
-    """SHA-256 of the SAM2 and DINOv2 files a run would load (None: random weights).
-
-    Raises the checkpoint layer's ``FileNotFoundError`` (which says where to get the file)
-    here, before Ray starts, rather than inside every actor.
-    """
-    if model.random_weights:
-        return {"sam2": None, "dinov2": None}
-    from refseg.core.models import sam2_config_name
-
-    short, _ = sam2_config_name(model.sam2_config)
-    dinov2 = model.dinov2_model.replace("_reg4", "_reg")
-    return {
-        "sam2": _checkpoint_sha("sam2", short, model.sam2_checkpoint),
-        "dinov2": _checkpoint_sha("dinov2", dinov2, model.dinov2_checkpoint),
-    }
-
-
-def _check_bank(memory: str, model: ModelConfig, dinov2_sha: str | None) -> None:
-    """Refuse a bank whose prototypes come from other DINOv2 weights than this run's."""
-    from refseg.core.memory_bank import MemoryBank
-
-    bank = MemoryBank.load(memory)
-    bank.check_encoder(model.dinov2_model, model.dinov2_image_size)
-    bank_sha = bank.meta.get("dinov2_sha256")
-    if bank_sha and dinov2_sha and bank_sha != dinov2_sha:
-        raise ValueError(
-            f"memory bank {memory} was built with DINOv2 weights {bank_sha} but this run "
-            f"loads {dinov2_sha}: rebuild the bank with the same --dinov2-checkpoint"
-        )
-    bank_rw = bank.meta.get("random_weights")
-    if bank_rw is not None and bool(bank_rw) != model.random_weights:
-        warnings.warn(
-            f"memory bank {memory} has random_weights={bank_rw} but this run has "
-            f"random_weights={model.random_weights}: the matches are meaningless",
-            UserWarning,
-            stacklevel=2,
-        )
-
-
 def run_label(args: argparse.Namespace) -> int:
-    from refseg.jobs.cli import scoped_env
     from refseg.pipeline.dataflow.sources import ImageSource
     from refseg.pipeline.job import LabelJob
     from refseg.pipeline.job import run_label as run_job
@@ -184,6 +144,7 @@ def run_label(args: argparse.Namespace) -> int:
 
     file_cfg = load_config_file(getattr(args, "config", None))
     preset, model, method = resolve_configs(args)
+    model = with_job_device(model, args, file_cfg)
     settings = pipeline_settings(args, file_cfg)
     source = ImageSource(
         images=args.images,
@@ -192,10 +153,6 @@ def run_label(args: argparse.Namespace) -> int:
         all_files=bool(_job_value(args, file_cfg, "all_files")),
         allow_outside_root=bool(_job_value(args, file_cfg, "allow_outside_root")),
     )
-    env = {"AWS_ENDPOINT_URL": source.s3_endpoint} if source.s3_endpoint else {}
-    with scoped_env(env):  # fsspec reads the bank (and checkpoints) through the same endpoint
-        hashes = preflight(model)
-        _check_bank(args.memory, model, hashes["dinov2"])
     num_cpus = _job_value(args, file_cfg, "num_cpus")
     interval = _job_value(args, file_cfg, "progress_interval")
     progress = ProgressOptions(
@@ -215,7 +172,6 @@ def run_label(args: argparse.Namespace) -> int:
         take_over_lock=bool(getattr(args, "take_over_lock", None)),
         progress=progress,
         cache_proposals=bool(_job_value(args, file_cfg, "cache_proposals")),
-        checkpoints=hashes,
     )
     summary = run_job(job)
     print(summary.line())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
@@ -12,9 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-from refseg.core.checkpoints import default_checkpoint_for, resolve_checkpoint
 from refseg.core.coco import load_coco
-from refseg.core.config import ModelConfig
 from refseg.jobs.options import add_model_args, resolve_configs
 
 __all__ = [
@@ -23,7 +20,6 @@ __all__ = [
     "add_build_memory_args",
     "run_build_memory",
     "write_bytes",
-    "dinov2_checkpoint_uri",
 ]
 
 log = logging.getLogger(__name__)
@@ -127,76 +123,13 @@ def add_build_memory_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
 
 
-def dinov2_checkpoint_uri(model: ModelConfig) -> str | None:
-    """URI of the DINOv2 file that ``model`` loads; None for random weights.
-
-    Raises ``FileNotFoundError`` (saying where to get it) when that file is not available.
-    """
-    if model.random_weights:
-        return None
-    spec = model.dinov2_checkpoint
-    if spec is None:
-        official = default_checkpoint_for("dinov2", model.dinov2_model.replace("_reg4", "_reg"))
-        if official is None:
-            return None  # the models layer raises its own message when it builds
-        spec = official.name
-    return resolve_checkpoint(spec).uri
-
-
-#: Key that marks an annotation of a corrections file (``refseg import-review``) as a new
-#: shot or a negative, so that one file serves both --references and --negatives.
-KIND_KEY = "refseg_kind"
-
-
-def _of_kind(coco: dict[str, Any], kind: str) -> dict[str, Any]:
-    """``coco`` without the annotations marked as the other kind (shot / negative)."""
-    other = "negative" if kind == "shot" else "shot"
-    return {**coco, "annotations": [a for a in coco["annotations"] if a.get(KIND_KEY) != other]}
-
-
-def _new_shots_only(
-    refs: dict[str, Any], bank: Any, path: str, *, negatives: bool = False
-) -> dict[str, Any]:
-    """``refs`` without the shots (same annotation and image id) already in ``bank``."""
-    records = bank.negative_records if negatives else bank.records
-    present = {(r.annotation_id, r.image_id) for recs in records.values() for r in recs}
-    anns = refs["annotations"]
-    is_dup = [(int(a["id"]), int(a["image_id"])) in present for a in anns]
-    keep = [a for a, d in zip(anns, is_dup, strict=True) if not d]
-    if len(keep) < len(anns):
-        dup = sorted(int(a["id"]) for a, d in zip(anns, is_dup, strict=True) if d)
-        more = ", ..." if len(dup) > 20 else ""
-        what = "negatives" if negatives else "shots"
-        print(
-            f"refseg build-memory: {len(dup)} {what} already in {path} are not added again "
-            f"(annotation ids {str(dup[:20])[1:-1]}{more})"
-        )
-    return {**refs, "annotations": keep}
-
-
-def _check_same_weights(bank: Any, meta: dict[str, Any], path: str) -> None:
-    old_rw, new_rw = bank.meta.get("random_weights"), meta["random_weights"]
-    old_sha, new_sha = bank.meta.get("dinov2_sha256"), meta["dinov2_sha256"]
-    if (old_rw is not None and bool(old_rw) != bool(new_rw)) or (
-        old_sha and new_sha and old_sha != new_sha
-    ):
-        raise ValueError(
-            f"{path} was built with other DINOv2 weights (random_weights={old_rw}, sha256 "
-            f"{old_sha}) than this run (random_weights={new_rw}, sha256 {new_sha}): "
-            "prototypes of different weights cannot share a bank"
-        )
-
-
 def run_build_memory(args: argparse.Namespace) -> int:
-    from refseg.core.factory import build_encoder
+    from refseg.core.banks import build_memory_bank
     from refseg.core.memory_bank import MemoryBank
-    from refseg.core.references import build_memory_bank
 
     if not args.references and not args.negatives:
         raise ValueError("pass --references REFS.json, --negatives NEG.json, or both")
-    refs = _of_kind(load_coco(args.references), "shot") if args.references else None
-    negs = _of_kind(load_coco(args.negatives), "negative") if args.negatives else None
-    if negs is not None and refs is None and not args.add:
+    if args.negatives and not args.references and not args.add:
         raise ValueError(
             "negatives are added to a bank with positive shots: pass --add to add them to "
             f"{args.out}, or --references to build the bank in the same call"
@@ -207,39 +140,25 @@ def run_build_memory(args: argparse.Namespace) -> int:
     if bank is not None:
         before = {"classes": len(bank.category_ids), "shots": len(bank)}
         before["negatives"] = _n_negatives(bank)
-        refs = _new_shots_only(refs, bank, args.out) if refs is not None else None
-        negs = _new_shots_only(negs, bank, args.out, negatives=True) if negs is not None else None
-    refs = refs if refs is not None and refs["annotations"] else None
-    negs = negs if negs is not None and negs["annotations"] else None
-    if refs is None and negs is None:
+    update = build_memory_bank(
+        references=args.references,
+        negatives=args.negatives,
+        images=args.images,
+        add_to=bank,
+        preset=preset,
+        model=model,
+        method=method,
+    )
+    for kind, dup in update.duplicates.items():
+        more = ", ..." if len(dup) > 20 else ""
+        print(
+            f"refseg build-memory: {len(dup)} {kind} already in {args.out} are not added again "
+            f"(annotation ids {str(dup[:20])[1:-1]}{more})"
+        )
+    if not update.changed:
         print(f"refseg build-memory: nothing new to add; {args.out} unchanged")
         return 0
-    encoder = build_encoder(model, method)
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    meta: dict[str, Any] = {
-        "preset": preset,
-        "dinov2_model": model.dinov2_model,
-        "dinov2_checkpoint": dinov2_checkpoint_uri(model),
-        "dinov2_sha256": encoder.checkpoint_sha256,
-        "random_weights": model.random_weights,
-    }
-    if bank is None:
-        meta["created"] = now
-    else:
-        _check_same_weights(bank, meta, args.out)
-        meta["updated"] = now
-    for coco, negatives in ((refs, False), (negs, True)):
-        if coco is not None:
-            bank = build_memory_bank(
-                encoder,
-                coco,
-                args.images,
-                bank=bank,
-                context_scale=method.context_scale,
-                min_weight=method.min_mask_weight,
-                meta=meta,
-                negatives=negatives,
-            )
+    bank = update.bank
     assert bank is not None
     data = bank.to_bytes()
     write_bytes(args.out, data)
@@ -249,7 +168,7 @@ def run_build_memory(args: argparse.Namespace) -> int:
             f" (+{len(bank.category_ids) - before['classes']} classes, "
             f"+{len(bank) - before['shots']} shots"
         )
-        if negs is not None:
+        if args.negatives:
             added += f", +{_n_negatives(bank) - before['negatives']} negatives"
         added += ")"
     negatives = f", {_n_negatives(bank)} negatives" if bank.negatives else ""

@@ -41,7 +41,8 @@ import fsspec
 import numpy as np
 import pyarrow.fs as pafs
 from refseg.core import rle as rle_ops
-from refseg.jobs.cmd_memory import KIND_KEY, write_bytes
+from refseg.core.banks import KIND_KEY
+from refseg.jobs.cmd_memory import write_bytes
 from refseg.jobs.label_studio import chosen_annotation, region_label, region_mask
 from refseg.jobs.run_read import iter_images, run_categories
 from refseg.pipeline.schema import image_id_from_uri

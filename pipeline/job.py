@@ -11,7 +11,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from refseg.core.checkpoints import resolve_checkpoint
+from refseg.core.banks import check_bank
+from refseg.core.checkpoints import model_checkpoints_sha256, resolve_checkpoint
 from refseg.core.coco import load_coco
 from refseg.core.config import MethodConfig, ModelConfig
 from refseg.core.memory_bank import MemoryBank
@@ -58,10 +59,16 @@ class LabelJob:
     def s3_endpoint(self) -> str | None:
         return self.source.s3_endpoint
 
-    def check_inputs(self, out: Location, bank: MemoryBank) -> None:
+    def check_inputs(self, out: Location) -> MemoryBank:
+        """The checkpoints exist (a missing one says where to get it), the images are
+        reachable, the bank fits the DINOv2 this run loads (name, size, weights) and the
+        targets' category ids (``Job.check_inputs``)."""
+        hashes = self.checkpoints or model_checkpoints_sha256(self.model)
         check_reachable(resolve(self.source.images, s3_endpoint=self.s3_endpoint), "images")
-        bank.check_encoder(self.model.dinov2_model, self.model.dinov2_image_size)
+        bank = MemoryBank.load(self.memory)
+        check_bank(bank, self.model, hashes["dinov2"], self.memory)
         _warn_categories(self, bank)
+        return bank
 
     def start_fields(self, bank_sha: str) -> dict[str, Any]:
         """What run.json says before the first part is written (store/record.py)."""
@@ -81,6 +88,8 @@ class LabelJob:
         }
 
     def plan(self, out: Location) -> Todo:
+        """List the targets and decide what runs again (store/redo.py's ``plan_rerun``);
+        the source reads the rest (``Job.plan``)."""
         _check_cache_resume(out, self.cache_proposals)
         plan = plan_rerun(out, list_targets(self.source, out=out), retry_errors=self.retry_errors)
 
@@ -104,13 +113,15 @@ class LabelJob:
         return Todo(plan.done, source, counts)
 
     def stages(self, bank_bytes: bytes) -> LabelStages:
+        """decode -> SAM2 proposals -> DINOv2 matching (``Job.stages``)."""
         return LabelStages(self.model, self.method, bank_bytes, self.cache_proposals)
 
     def finish_record(self, record: dict[str, Any], resources: Resources) -> None:
+        """run.json's source, checkpoint hashes and proposal cache (``Job.finish_record``)."""
         record["config"]["source"] = self.source
         record["checkpoints"] = _checkpoint_hashes(self.model)
         if self.cache_proposals:
-            hashes = self.checkpoints or _checkpoint_hashes(self.model)
+            hashes = self.checkpoints or model_checkpoints_sha256(self.model)
             record["proposal_cache"] = cache_record(self.model, self.method, hashes)
 
 

@@ -188,12 +188,13 @@ class RematchJob:
     progress: ProgressOptions = field(default_factory=ProgressOptions)
     command = "rematch"
 
-    def check_inputs(self, out: Location, bank: MemoryBank) -> None:
-        """OUT is not the run being rematched (``Job.check_inputs``; the bank was checked
-        against the cache by ``check_fits``)."""
+    def check_inputs(self, out: Location) -> MemoryBank:
+        """OUT is not the run being rematched; the bank, loaded (``Job.check_inputs``; it
+        was checked against the cache by ``check_fits``)."""
         runs = {self.cache.run.uri.rstrip("/"), self.cache.location.uri.rstrip("/")}
         if out.uri.rstrip("/") in runs:
             raise ValueError(f"--out {out.uri} is the run being rematched: choose a new folder")
+        return MemoryBank.load(self.memory)
 
     def start_fields(self, bank_sha: str) -> dict[str, Any]:
         """run.json before the first part: the preset and the run rematched."""

@@ -16,11 +16,12 @@ its own run.json fields). :func:`run_job` does the rest, in this order and nowhe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -68,6 +69,7 @@ class JobSummary:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
+        """The one line the command prints at the end."""
         return (
             f"refseg {self.command}: {self.images} images ({self.ok} ok, {self.errors} "
             f"errors), {self.instances} instances, {self.images_per_second:.2f} images/s, "
@@ -111,8 +113,9 @@ class Job(Protocol):
     @property
     def s3_endpoint(self) -> str | None: ...
 
-    def check_inputs(self, out: Location, bank: MemoryBank) -> None:
-        """Before OUT is held: the inputs exist and fit (raise a clear error if not)."""
+    def check_inputs(self, out: Location) -> MemoryBank:
+        """Before OUT is held: the inputs exist and fit (raise a clear error if not); the
+        memory bank, loaded."""
 
     def start_fields(self, bank_sha: str) -> dict[str, Any]:
         """run.json's fields (besides the fingerprint) before the first part is written."""
@@ -125,6 +128,21 @@ class Job(Protocol):
 
     def finish_record(self, record: dict[str, Any], resources: Resources) -> None:
         """Add the job's own fields to the complete run.json (in place)."""
+
+
+@contextlib.contextmanager
+def _endpoint_env(endpoint: str | None) -> Iterator[None]:
+    """``AWS_ENDPOINT_URL`` set to the job's S3 endpoint while the driver reads its inputs."""
+    old = os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+    try:
+        yield
+    finally:
+        if endpoint and old is None:
+            os.environ.pop("AWS_ENDPOINT_URL", None)
+        elif endpoint:
+            os.environ["AWS_ENDPOINT_URL"] = old  # type: ignore[assignment]
 
 
 def ensure_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None) -> None:
@@ -178,8 +196,8 @@ def run_job(job: Job) -> JobSummary:
         t0 = time.perf_counter()
         out = resolve(job.out, s3_endpoint=job.s3_endpoint)
         check_reachable(out, "output location")
-        bank = MemoryBank.load(job.memory)
-        job.check_inputs(out, bank)
+        with _endpoint_env(job.s3_endpoint):  # the bank and checkpoints through it too
+            bank = job.check_inputs(out)
         with hold_out(out, take_over=job.take_over_lock) as lock:
             return _run_holding_out(job, out, bank, lock, t0, progress)
 

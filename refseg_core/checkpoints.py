@@ -25,7 +25,7 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 Family = Literal["sam2", "dinov2"]
 
@@ -264,3 +264,31 @@ def download(name: str, *, progress: bool = True) -> Path:
             raise
     _sidecar(dest).write_text(f"{digest}  {ckpt.filename}\n")
     return dest
+
+
+def _checkpoint_sha(family: str, arch: str, spec: str | None) -> str | None:
+    if spec is None:
+        official = default_checkpoint_for(family, arch)  # type: ignore[arg-type]
+        if official is None:
+            return None  # the models layer names the problem when it builds
+        spec = official.name
+    return resolve_checkpoint(spec).sha256
+
+
+def model_checkpoints_sha256(model: Any) -> dict[str, str | None]:
+    """SHA-256 of the SAM2 and DINOv2 files ``model`` (a ``ModelConfig``) would load,
+    official defaults included; ``None`` for random weights.
+
+    Raises the ``FileNotFoundError`` of :func:`resolve_checkpoint` (which says where to get
+    the file): a job calls this before starting Ray, rather than failing in every actor.
+    """
+    if model.random_weights:
+        return {"sam2": None, "dinov2": None}
+    from refseg.core.models import sam2_config_name
+
+    short, _ = sam2_config_name(model.sam2_config)
+    dinov2 = model.dinov2_model.replace("_reg4", "_reg")
+    return {
+        "sam2": _checkpoint_sha("sam2", short, model.sam2_checkpoint),
+        "dinov2": _checkpoint_sha("dinov2", dinov2, model.dinov2_checkpoint),
+    }

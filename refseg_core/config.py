@@ -142,3 +142,32 @@ def get_preset(name: str) -> Preset:
 def replace(obj: Any, **changes: Any) -> Any:
     """``dataclasses.replace`` that ignores ``None`` values (unset flags)."""
     return dataclasses.replace(obj, **{k: v for k, v in changes.items() if v is not None})
+
+
+def preset_configs(
+    preset: str = "ntt",
+    *,
+    model: ModelConfig | None = None,
+    method: MethodConfig | None = None,
+    **overrides: Any,
+) -> tuple[ModelConfig, MethodConfig]:
+    """The (model, method) settings of ``preset``, or the given ones, with single fields set
+    by keyword (each to whichever of the two has it; ``None`` values are ignored).
+
+    >>> model, method = preset_configs("tiny", random_weights=True, nms_iou=0.7)
+    """
+    p = get_preset(preset)
+    model, method = model or p.model, method or p.method
+    fields = {
+        "model": {f.name for f in dataclasses.fields(ModelConfig)},
+        "method": {f.name for f in dataclasses.fields(MethodConfig)},
+    }
+    unknown = sorted(set(overrides) - fields["model"] - fields["method"])
+    if unknown:
+        raise TypeError(
+            f"unknown settings {unknown}: ModelConfig has {sorted(fields['model'])}, "
+            f"MethodConfig has {sorted(fields['method'])}"
+        )
+    model = replace(model, **{k: v for k, v in overrides.items() if k in fields["model"]})
+    method = replace(method, **{k: v for k, v in overrides.items() if k in fields["method"]})
+    return model, method

@@ -199,6 +199,40 @@ class Instances:
             return rle_ops.rle_area(self.rles)
         raise ValueError("areas need masks or rles, this Instances has neither")
 
+    def mask_array(self) -> np.ndarray:
+        """(N, H, W) bool masks: ``masks``, or decoded from ``rles``."""
+        if self.masks is not None:
+            return self.masks
+        if self.rles is not None:
+            h, w = self.image_size
+            if not self.rles:
+                return np.zeros((0, h, w), bool)
+            return np.stack([rle_ops.decode_rle(r) for r in self.rles]).astype(bool)
+        raise ValueError("mask_array needs masks or rles, this Instances has neither")
+
+    def to_supervision(self, category_names: Mapping[int, str] | None = None) -> Any:
+        """These instances as a ``supervision.Detections`` (``pip install supervision``):
+        ``xyxy``, ``mask`` (N, H, W) bool, ``confidence``, ``class_id`` (the category ids),
+        and ``data["class_name"]`` when ``category_names`` is given."""
+        try:
+            import supervision as sv
+        except ImportError:
+            raise ImportError(
+                "Instances.to_supervision needs the supervision package: "
+                "pip install supervision (or pip install 'refseg[supervision]')"
+            ) from None
+        data = {}
+        if category_names is not None:
+            data["class_name"] = np.asarray([category_names[int(c)] for c in self.category_ids])
+        masks = self.mask_array() if (self.masks is not None or self.rles is not None) else None
+        return sv.Detections(
+            xyxy=self.boxes.astype(np.float32),
+            mask=masks,
+            confidence=self.scores.astype(np.float32),
+            class_id=self.category_ids.astype(int),
+            data=data,
+        )
+
     def xywh(self) -> np.ndarray:
         """Boxes as COCO ``xywh``, (N, 4) float64."""
         b = self.boxes.astype(np.float64)

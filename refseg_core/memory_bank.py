@@ -203,6 +203,8 @@ class MemoryBank:
 
     # ---- persistence -------------------------------------------------------------------
     def to_bytes(self) -> bytes:
+        """The bank as safetensors bytes: the (K_c, D) float32 prototypes per class (and
+        negatives), with the encoder, names, shot records and meta as JSON metadata."""
         header: dict[str, Any] = {
             "format": "refseg-memory-bank",
             "version": FORMAT_VERSION,
@@ -229,6 +231,7 @@ class MemoryBank:
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str = "<bytes>") -> MemoryBank:
+        """A bank from ``to_bytes`` output (no pickle); ``source`` names it in errors."""
         try:
             tensors = st_load(data)
             n = int.from_bytes(data[:8], "little")
@@ -259,6 +262,7 @@ class MemoryBank:
 
     @classmethod
     def load(cls, uri: str) -> MemoryBank:
+        """Read a bank written by ``save`` from a local path or fsspec URI (s3://, gs://)."""
         try:
             with fsspec.open(uri, "rb") as f:
                 data = f.read()
@@ -269,6 +273,7 @@ class MemoryBank:
         return cls.from_bytes(data, source=uri)
 
     def describe(self) -> Mapping[str, Any]:
+        """A JSON-ready summary: encoder, image size, classes and shots per class."""
         out: dict[str, Any] = {
             "encoder": self.encoder,
             "image_size": self.image_size,

@@ -17,10 +17,10 @@ from refseg.pipeline.store.layout import (
     write_table,
 )
 
-__all__ = ["instances_blob", "write_parts"]
+__all__ = ["images_table", "instances_blob", "write_parts"]
 
 
-def _images_table(batch: dict[str, np.ndarray]) -> pa.Table:
+def images_table(batch: dict[str, np.ndarray]) -> pa.Table:
     n = len(batch[Col.IMAGE_ID])
     seconds = sum(
         np.asarray(batch[c], dtype=np.float64)
@@ -60,7 +60,7 @@ def write_parts(batch: dict[str, np.ndarray], *, out: Location) -> dict[str, np.
         write_table(out.child(PROPOSALS_DIR, f"part-{key}.parquet"), cache_table(batch))
     tables = [pa.ipc.open_stream(b).read_all() for b in batch[Col.INSTANCES] if len(b)]
     inst = pa.concat_tables(tables) if tables else INSTANCES_SCHEMA.empty_table()
-    images = _images_table(batch)
+    images = images_table(batch)
     write_table(out.child(INSTANCES_DIR, f"part-{key}.parquet"), inst.cast(INSTANCES_SCHEMA))
     write_table(out.child(IMAGES_DIR, f"part-{key}.parquet"), images)
     return {
