@@ -50,13 +50,14 @@ class LabelJob:
     progress: ProgressOptions = field(default_factory=ProgressOptions)
     # write OUT/proposals/ for `refseg rematch` (refseg.pipeline.dataflow.proposal_cache)
     cache_proposals: bool = False
-    # SHA-256 of the checkpoints the models load, as resolved before the run (official
-    # defaults included); None: only the explicitly given checkpoints are hashed
+    # SHA-256 of the checkpoints the models load (official defaults included), if the
+    # caller has them already; None: hashed by check_inputs (and for the proposal cache)
     checkpoints: dict[str, str | None] | None = None
     command = "label"
 
     @property
     def s3_endpoint(self) -> str | None:
+        """The S3-compatible endpoint of the source (and OUT, bank, checkpoints)."""
         return self.source.s3_endpoint
 
     def check_inputs(self, out: Location) -> MemoryBank:
