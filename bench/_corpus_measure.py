@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from refseg.pipeline.dataflow.writer import write_parts  # noqa: E402
+from refseg.pipeline.run_steps import totals  # noqa: E402
 from refseg.pipeline.storage import Location  # noqa: E402
 from refseg.pipeline.store import index, layout, redo  # noqa: E402
 from refseg.pipeline.store.coco_files import write_coco  # noqa: E402
@@ -59,6 +60,21 @@ def _counting(base: type) -> type:
             return super().get_file_info(what)
 
     return Counting
+
+
+def _count_s3_gets() -> None:
+    """The store reads S3 objects with one GET each (s3_objects.get): count those too."""
+    from refseg.pipeline.store import s3_objects
+
+    real = s3_objects.get
+
+    def get(endpoint: str | None, path: str) -> tuple[bytes, str] | None:
+        got = real(endpoint, path)
+        READ["objects"] += 1
+        READ["bytes"] += len(got[0]) if got else 0
+        return got
+
+    s3_objects.get = get  # type: ignore[assignment]
 
 
 def location(uri: str, endpoint: str | None) -> Location:
@@ -124,7 +140,9 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=1000)
     ap.add_argument("--compact", action="store_true", help="measure `refseg compact OUT`")
     args = ap.parse_args()
+    imports_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     _warm_up()
+    _count_s3_gets()
     out = location(args.out, args.endpoint)
     steps: dict[str, Any] = {}
     if args.compact:
@@ -155,15 +173,14 @@ def main() -> None:
         step(out, "settle", lambda: redo.settle(out), steps)
         step(out, "coco", lambda: write_coco(out, CATEGORIES), steps)
 
-        def record() -> None:
-            rows = index.load(out).rows
-            ok = int(np.sum(np.asarray(rows.column("status").to_pylist()) == "ok"))
-            write_run_record(out, {**start, "status": "complete", "counts": {"ok": ok}})
+        def record() -> None:  # the totals over OUT and run.json, as the job's record
+            write_run_record(out, {**start, "status": "complete", "counts": totals(out)})
 
         step(out, "record", record, steps)
         steps["labelled"] = {"images": len(todo), "seconds": label_seconds}
         steps["done_before"] = len(plan.done)
     steps["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    steps["imports_rss_bytes"] = imports_rss  # the job's modules (torch, Ray) before any step
     steps["parts_after"] = len(layout.finished_parts(out))
     steps["files_after"] = len(files(out))
     print(json.dumps(steps))

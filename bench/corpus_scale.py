@@ -91,10 +91,10 @@ class Moto:
                 continue
             method, path = m.groups()
             mark = re.search(r"__mark__(\w+)-(begin|end)", path)
-            if mark and "list-type" not in path:
+            if mark:
                 current = mark.group(1) if mark.group(2) == "begin" else None
                 continue
-            if current and out_prefix in path:
+            if current and path.startswith(out_prefix):
                 kind = "LIST" if "list-type" in path else method
                 counts.setdefault(current, Counter())[kind] += 1
         self.log.write_text("")  # the next run starts a new count
@@ -124,6 +124,7 @@ def _row(store: str, n: int, phase: str, m: dict, requests: dict | None) -> dict
         row[f"{s}_s"] = m[s]["seconds"] if s in m else None
     row["bookkeeping_s"] = sum(m[s]["seconds"] for s in steps)
     row["peak_rss_mb"] = m["peak_rss_bytes"] / 2**20
+    row["imports_rss_mb"] = m.get("imports_rss_bytes", 0) / 2**20
     row["read_mb"] = total["bytes_read"] / 2**20
     row["objects_read"] = total["objects_read"]
     row["written_mb"] = total["bytes_written"] / 2**20
@@ -154,12 +155,12 @@ def run_store(store: str, sizes: list[int], new: int, work: Path, moto: Moto | N
         parts = generate(out, listing_of(n), 0, n, threads=32 if moto else 4)
         print(f"[{store}] N={n}: {parts} parts generated in {time.perf_counter() - t0:.0f} s")
         if moto:
-            moto.requests("/out/")  # generation's requests are not counted
+            moto.requests("/")  # generation's requests are not counted
         done = n
         for phase, compact in (("first", False), ("compact", True), ("nightly", False),
                                ("nightly", False)):  # fmt: skip
             m = _measure(uri, endpoint, done, new, compact)
-            req = moto.requests(f"/{uri.split('/')[2]}/") if moto else None
+            req = moto.requests(f"/{uri.split('/')[2]}") if moto else None
             row = _row(store, done, phase, m, req)
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -92,7 +92,7 @@ def open_cache(run: str, *, s3_endpoint: str | None = None) -> ProposalCache:
         raise ValueError(f"{loc.uri}: run.json's proposal_cache is not a {CACHE_FORMAT}")
     where = info.get("location")
     cache_loc = resolve(where, s3_endpoint=s3_endpoint) if where else loc
-    finished, cached = layout.finished_parts(cache_loc), layout.cached_parts(cache_loc)
+    finished, cached = layout.live_parts(cache_loc), layout.cached_parts(cache_loc)
     if not cached or len(cached) < len(finished):
         raise ValueError(
             f"the proposal cache {cache_loc.child(PROPOSALS_DIR).uri} covers {len(cached)} of "

@@ -33,7 +33,7 @@ from refseg.pipeline.storage import Location
 from refseg.pipeline.store import index
 from refseg.pipeline.store.atomic import atomic_output, write_bytes
 from refseg.pipeline.store.layout import INSTANCES_DIR, Stamp
-from refseg.pipeline.store.pool import READ_THREADS, delete_all, map_bounded, read_bytes, read_table
+from refseg.pipeline.store.pool import delete_all, map_bounded, read_bytes, read_table
 
 __all__ = ["COCO_DIR", "annotation_rows", "image_rows", "read_shard_index", "update_shards"]
 
@@ -43,6 +43,9 @@ COCO_DIR = "coco"
 SHARD_INDEX = "index.json"
 _FORMAT = "refseg-coco-shards"
 _ANN_COLUMNS = ["image_id", "category_id", "bbox", "score", "segmentation", "area"]
+#: Shards built at once (JSON encoding holds the GIL: more threads only overlap the I/O,
+#: and each holds a part's annotations as Python objects).
+SHARD_THREADS = 4
 
 
 def read_shard_index(out: Location) -> dict[str, Any]:
@@ -117,7 +120,7 @@ def update_shards(
     categories: list[dict[str, Any]],
     snapshot: index.Snapshot,
     *,
-    threads: int = READ_THREADS,
+    threads: int = SHARD_THREADS,
 ) -> dict[str, Any]:
     """Write the shards of parts without a current one, then coco/index.json, then delete
     shards no longer named; call it holding OUT's lock. Returns counts."""
