@@ -114,6 +114,7 @@ run_step "CUDA tests and decoder equality on CUDA" 180 \
     --junitxml="$OUT_DIR/tests.xml" \
     tests/test_gpu_path.py tests/test_transport.py tests/test_decoder.py
 
+[ "$(left)" -gt 120 ] || die "only $(left) s of the ${BUDGET_S} s budget left for bench/gpu.py"
 run_step "bench/gpu.py at ntt (random Hiera-L, ViT-L)" "$(($(left) - 20))" \
     "$PY" bench/gpu.py --images 16 --warmup 2 --check-images 4 --profile-images 2 \
     --variants fp32 fp32-fast fp32-fast-tf32 bf16-fast --out-dir "$OUT_DIR"
