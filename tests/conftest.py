@@ -42,7 +42,7 @@ def s3_endpoint():
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # a safety net: moto starts in ~2 s
     while True:
         try:
             urllib.request.urlopen(url, timeout=1)

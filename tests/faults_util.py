@@ -213,7 +213,7 @@ class MotoServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # a safety net: moto starts in ~2 s
         while True:
             try:
                 urllib.request.urlopen(self.url, timeout=1)
