@@ -2,21 +2,43 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from refseg.core import ops
 from refseg.core.config import MethodConfig
 from refseg.core.features import DinoEncoder
+from refseg.core.fullres import FullResolution
 from refseg.core.imaging import ResizeInfo
 from refseg.core.instances import Instances
 from refseg.core.memory_bank import MemoryBank
 from refseg.core.proposals import Proposals
 from refseg.core.tensors import crop_valid, images_to_float, lowres_to_original
+from refseg.core.window_merge import MaskStore, encode_masks, window_overlaps
 
 __all__ = ["Matcher", "PooledMatcher"]
 
-#: Low-res logits upsampled to the image size per step (float32 peak: 16 masks' worth).
+#: Low-res logits upsampled to the image size per step of the dense reference path
+#: (float32 peak: 16 masks' worth).
 UPSAMPLE_CHUNK = 16
+
+
+@dataclass(frozen=True)
+class _Survivors:
+    """The K proposals that survive scoring and NMS, in NMS order (method.md §4.4).
+
+    logits: (K, h, w) float32; lowres: (K, h, w) bool; iou, scores: (K,) float;
+    labels: (K,) class index; feats: (K, D) normalised pooled features.
+    """
+
+    props: Proposals
+    logits: torch.Tensor
+    lowres: torch.Tensor
+    iou: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    feats: torch.Tensor
 
 
 class PooledMatcher:
@@ -73,17 +95,69 @@ class PooledMatcher:
     def match_pooled(self, proposals: Proposals, pooled: torch.Tensor) -> Instances:
         """Final labelled instances of one image from its proposals and pooled features.
 
+        Full-resolution masks are computed inside each mask's window, one mask at a time
+        (:mod:`refseg.core.fullres`), and leave as COCO RLE: memory follows the largest
+        window, never K x H x W. Outputs equal ``_match_pooled_dense`` (the paper's order:
+        every survivor upsampled whole): same instances and masks, same scores.
+
         Args:
             proposals: SAM2 proposals of the image.
             pooled: (K, D) float32 DINOv2 features pooled inside each nonempty proposal
                 (``Matcher.pool``), in proposal order.
 
         Returns:
-            Instances at the original image size with full-resolution masks, sorted by
-            decreasing score, at most ``max_instances``.
+            Instances at the original image size with ``rles`` (no dense ``masks``),
+            sorted by decreasing score, at most ``max_instances``.
         """
         m = self.method
-        oh, ow = proposals.orig_hw
+        sv = self._survivors(proposals, pooled)
+        if sv is None:
+            return Instances.empty(proposals.orig_hw)
+        fr = FullResolution(
+            self._resize_info(sv.props),
+            tuple(sv.logits.shape[-2:]),  # type: ignore[arg-type]
+            threshold=m.mask_threshold,
+            device=self.device,
+        )
+        if not fr.exact:  # this device's resize could not be reproduced window by window
+            return self._finish_dense(sv).with_rles(drop_masks=True)
+        windows = fr.windows(sv.logits)
+        scores = sv.scores
+        store = MaskStore()  # masks the merge computes whole, reused by the encoding
+        if m.soft_merge:
+            if m.merge_resolution == "lowres":
+                merge = crop_valid(sv.lowres, self._resize_info(sv.props))
+                scores = ops.soft_merge_scores(merge, sv.feats, sv.labels, scores, m.merge_power)
+            else:
+
+                def overlaps(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    ids = idx.tolist()
+                    wins = [windows[i] for i in ids]
+                    return window_overlaps(fr, sv.logits[idx], wins, keys=ids, store=store)
+
+                scores = ops.merge_by_class(overlaps, sv.feats, sv.labels, scores, m.merge_power)
+        order = self._order(scores)
+        ids = order.tolist()
+        boxes, rles = encode_masks(
+            fr,
+            sv.logits[order],
+            [windows[i] for i in ids],
+            inclusive=m.box_convention == "ntt",
+            keys=ids,
+            store=store,
+        )
+        return Instances(
+            image_size=sv.props.orig_hw,
+            boxes=boxes,
+            scores=scores[order].float().cpu().numpy(),
+            category_ids=self.category_ids[sv.labels[order].cpu()].numpy(),
+            proposal_iou=sv.iou[order].float().cpu().numpy(),
+            rles=rles,
+        )
+
+    def _survivors(self, proposals: Proposals, pooled: torch.Tensor) -> _Survivors | None:
+        """Scores, labels and class-wise NMS on the low-res masks (method.md §4.3-§4.4)."""
+        m = self.method
         props, lowres, nonempty = self.nonempty(proposals)
         k = int(nonempty.sum())
         if tuple(pooled.shape[:1]) != (k,):
@@ -92,7 +166,7 @@ class PooledMatcher:
                 "the features do not belong to these proposals"
             )
         if k == 0:
-            return Instances.empty((oh, ow))
+            return None
         logits, iou, lowres = props.logits[nonempty], props.iou[nonempty], lowres[nonempty]
         pooled = pooled.to(self.device, torch.float32)
         scores, labels, rows = self._labels(pooled)
@@ -100,34 +174,57 @@ class PooledMatcher:
             logits, iou, lowres, pooled = logits[rows], iou[rows], lowres[rows], pooled[rows]
             scores, labels = scores[rows], labels[rows]
 
-        inclusive = m.box_convention == "ntt"
-        boxes = ops.masks_to_boxes(lowres, inclusive=inclusive)
+        boxes = ops.masks_to_boxes(lowres, inclusive=m.box_convention == "ntt")
         keep = ops.classwise_nms(boxes, iou, labels, m.nms_iou, m.max_nms)
         keep = keep[scores[keep] > 0]
         if keep.numel() == 0:
-            return Instances.empty((oh, ow))
-        logits, iou, scores, labels = logits[keep], iou[keep], scores[keep], labels[keep]
-        feats = ops.normalize(pooled[keep])
+            return None
+        return _Survivors(
+            props,
+            logits[keep],
+            lowres[keep],
+            iou[keep],
+            scores[keep],
+            labels[keep],
+            ops.normalize(pooled[keep]),
+        )
 
+    def _order(self, scores: torch.Tensor) -> torch.Tensor:
+        """Output order (method.md §4.7): by decreasing score, top ``max_instances``."""
+        order = torch.argsort(scores, descending=True, stable=True)
+        if self.method.score_threshold > 0:  # none by default: merged-away may score 0
+            order = order[scores[order] > self.method.score_threshold]
+        return order[: self.method.max_instances]
+
+    @torch.inference_mode()
+    def _match_pooled_dense(self, proposals: Proposals, pooled: torch.Tensor) -> Instances:
+        """``match_pooled`` the paper's way: every survivor upsampled to the whole image.
+
+        Holds K x H x W bool masks (and 16 float masks while upsampling); returns dense
+        ``masks``. The reference the windowed path is tested and benchmarked against.
+        """
+        sv = self._survivors(proposals, pooled)
+        if sv is None:
+            return Instances.empty(proposals.orig_hw)
+        return self._finish_dense(sv)
+
+    def _finish_dense(self, sv: _Survivors) -> Instances:
+        m = self.method
+        props, logits, scores, labels = sv.props, sv.logits, sv.scores, sv.labels
         lowres_merge = m.merge_resolution == "lowres"
         masks = None if lowres_merge else self._full_resolution(logits, props)
         if m.soft_merge:
             # at 256²: the part of the low-res masks that covers the image
-            merge_masks = (
-                crop_valid(lowres[keep], self._resize_info(props)) if lowres_merge else masks
-            )
-            scores = ops.soft_merge_scores(merge_masks, feats, labels, scores, m.merge_power)
-        order = torch.argsort(scores, descending=True, stable=True)
-        if m.score_threshold > 0:  # none by default: merged-away instances may score 0
-            order = order[scores[order] > m.score_threshold]
-        order = order[: m.max_instances]
+            merge_masks = crop_valid(sv.lowres, self._resize_info(props)) if lowres_merge else masks
+            scores = ops.soft_merge_scores(merge_masks, sv.feats, labels, scores, m.merge_power)
+        order = self._order(scores)
         masks = self._full_resolution(logits[order], props) if masks is None else masks[order]
         return Instances(
-            image_size=(oh, ow),
-            boxes=ops.masks_to_boxes(masks, inclusive=inclusive).cpu().numpy(),
+            image_size=props.orig_hw,
+            boxes=ops.masks_to_boxes(masks, inclusive=m.box_convention == "ntt").cpu().numpy(),
             scores=scores[order].float().cpu().numpy(),
             category_ids=self.category_ids[labels[order].cpu()].numpy(),
-            proposal_iou=iou[order].float().cpu().numpy(),
+            proposal_iou=sv.iou[order].float().cpu().numpy(),
             masks=masks.cpu().numpy(),
         )
 

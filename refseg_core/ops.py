@@ -7,6 +7,7 @@ returns tensors on the device of its inputs. Shapes are stated in each docstring
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ __all__ = [
     "negative_blocked",
     "upsample_masks",
     "soft_merge_scores",
+    "merge_by_class",
+    "overlap_counts",
+    "box_of_window",
     "normalize",
 ]
 
@@ -73,6 +77,27 @@ def masks_to_boxes(masks: torch.Tensor, *, inclusive: bool = False) -> torch.Ten
     empty = ~rows.any(dim=1)
     boxes[empty] = 0
     return boxes
+
+
+def box_of_window(
+    mask: torch.Tensor, top: int, left: int, *, inclusive: bool = False
+) -> torch.Tensor:
+    """``masks_to_boxes`` of a whole-image mask that is false outside one window.
+
+    Args:
+        mask: (h, w) bool, the window's pixels; its top-left pixel is ``(top, left)``.
+
+    Returns:
+        (4,) float32 XYXY in image pixels (conventions of ``masks_to_boxes``); an empty mask
+        gives (0, 0, 0, 0).
+    """
+    ys = torch.nonzero(mask.any(dim=1)).flatten()
+    if ys.numel() == 0:
+        return torch.zeros((4,), dtype=torch.float32, device=mask.device)
+    xs = torch.nonzero(mask.any(dim=0)).flatten()
+    end = 0 if inclusive else 1
+    box = [left + int(xs[0]), top + int(ys[0]), left + int(xs[-1]) + end, top + int(ys[-1]) + end]
+    return torch.tensor(box, dtype=torch.float32, device=mask.device)
 
 
 def classwise_nms(
@@ -220,6 +245,8 @@ def upsample_masks(logits: torch.Tensor, size: tuple[int, int], threshold: float
 #: Pixels per step when counting mask overlaps: bounds the float copy of k masks to
 #: k x 2**18 values, and each step's counts are exact in float32 (<= 2**24).
 OVERLAP_CHUNK = 2**18
+#: Float32 values of that copy at most (64 MiB): many masks take fewer pixels per step.
+OVERLAP_FLOATS = 2**24
 
 
 def _overlaps(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,6 +256,23 @@ def _overlaps(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     area = torch.zeros((k,), dtype=torch.float64, device=flat.device)
     for s in range(0, p, OVERLAP_CHUNK):
         m = flat[:, s : s + OVERLAP_CHUNK].to(torch.float32)
+        inter += (m @ m.T).double()
+        area += m.sum(dim=1).double()
+    return inter, area
+
+
+def overlap_counts(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, P) bool masks -> (k, k) intersection counts and (k,) areas, float64, exact.
+
+    As ``_overlaps`` (the dense reference's), with the float copy bounded to
+    ``OVERLAP_FLOATS`` values whatever k: ``OVERLAP_FLOATS / k`` pixels per step.
+    """
+    k, p = flat.shape
+    step = max(1, min(OVERLAP_CHUNK, OVERLAP_FLOATS // max(k, 1)))
+    inter = torch.zeros((k, k), dtype=torch.float64, device=flat.device)
+    area = torch.zeros((k,), dtype=torch.float64, device=flat.device)
+    for s in range(0, p, step):
+        m = flat[:, s : s + step].to(torch.float32)
         inter += (m @ m.T).double()
         area += m.sum(dim=1).double()
     return inter, area
@@ -254,17 +298,37 @@ def soft_merge_scores(
     Returns:
         (N,) new scores.
     """
-    out = scores.clone()
     n = masks.shape[0]
-    if n < 2:
-        return out
     flat = masks.reshape(n, -1)
+    return merge_by_class(lambda idx: _overlaps(flat[idx]), features, labels, scores, power)
+
+
+def merge_by_class(
+    overlaps: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    power: float = 0.5,
+) -> torch.Tensor:
+    """The rule of ``soft_merge_scores`` given each class's mask overlaps.
+
+    Args:
+        overlaps: ``idx`` (k,) positions of one class's masks, in NMS order -> (k, k)
+            float64 intersection pixel counts and (k,) float64 mask areas, exact.
+        features: (N, D). labels: (N,) class index. scores: (N,).
+
+    Returns:
+        (N,) new scores; a class with one mask keeps its score.
+    """
+    out = scores.clone()
+    if scores.shape[0] < 2:
+        return out
     fnorm = normalize(features.float())
     for label in labels.unique():
         idx = torch.nonzero(labels == label).flatten()
         if idx.numel() < 2:
             continue
-        inter, area = _overlaps(flat[idx])
+        inter, area = overlaps(idx)
         ios = (inter / area.clamp(min=1)[:, None]).float()
         sim = (fnorm[idx] @ fnorm[idx].T).clamp(0.0, 1.0)
         earlier = torch.ones_like(ios, dtype=torch.bool).tril(diagonal=-1)  # j < i

@@ -51,16 +51,57 @@ def _as_str(rle: Mapping[str, Any]) -> Rle:
 
 
 def encode_masks(masks: np.ndarray) -> list[Rle]:
-    """Encode ``masks`` ``(N, H, W)`` bool into N COCO RLEs with ``str`` counts."""
+    """Encode ``masks`` ``(N, H, W)`` bool into N COCO RLEs with ``str`` counts.
+
+    One mask at a time: the only copy is one ``(H, W)`` column-major mask (pycocotools
+    reads column-major bytes), never a second ``(N, H, W)`` array.
+    """
     masks = np.asarray(masks)
     if masks.ndim != 3:
         raise ValueError(f"masks must be (N, H, W), got shape {masks.shape}")
     if masks.dtype != np.bool_:
         raise TypeError(f"masks must be bool, got {masks.dtype}")
-    if masks.shape[0] == 0:
-        return []
-    fortran = np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8))
-    return [_as_str(r) for r in mask_utils.encode(fortran)]
+    out = []
+    for m in masks:
+        fortran = np.asfortranarray(m.view(np.uint8))[:, :, None]  # (H, W, 1), one copy
+        out.append(_as_str(mask_utils.encode(fortran)[0]))
+    return out
+
+
+def encode_window(mask: np.ndarray, top: int, left: int, size: tuple[int, int]) -> Rle:
+    """COCO RLE of an ``size = (H, W)`` image that is false outside one window.
+
+    Args:
+        mask: ``(h, w)`` bool, the window's pixels; the window's top-left pixel is
+            ``(top, left)`` and it lies inside the image.
+
+    Returns:
+        The same RLE (``str`` counts) as ``encode_masks`` of the whole-image mask, built from
+        the window alone: run boundaries are found column by column (COCO counts run in
+        column-major order) and placed in the image's column-major pixel order.
+    """
+    m = np.asarray(mask)
+    if m.ndim != 2 or m.dtype != np.bool_:
+        raise ValueError(f"mask must be (h, w) bool, got {m.dtype} {m.shape}")
+    h, w = (int(v) for v in size)
+    bh, bw = m.shape
+    if top < 0 or left < 0 or top + bh > h or left + bw > w:
+        raise ValueError(f"window {(top, left, bh, bw)} (top, left, h, w) is outside {h} x {w}")
+    padded = np.zeros((bw, bh + 2), dtype=np.int8)
+    padded[:, 1:-1] = m.T
+    cols, ks = np.nonzero(np.diff(padded, axis=1))  # run starts and ends, column-major
+    pos = (cols.astype(np.int64) + left) * h + top + ks
+    if pos.size > 1:  # a run that ends at a column's bottom and restarts at the next top
+        same = pos[1:] == pos[:-1]
+        if same.any():
+            keep = np.ones(pos.size, dtype=bool)
+            keep[1:] &= ~same
+            keep[:-1] &= ~same
+            pos = pos[keep]
+    pos = pos[pos < h * w]  # a run that reaches the last pixel ends with the image
+    counts = np.diff(np.concatenate([[0], pos, [h * w]])).astype(np.uint32)
+    rle = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+    return _as_str(rle)
 
 
 def decode_rle(rle: Mapping[str, Any]) -> np.ndarray:

@@ -9,13 +9,14 @@ other instance as it was (same category, mask and score).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 from doubles import ShapeSam, colour_dino_encoder
-from refseg.core import ops
+from refseg.core import ops, rle
 from refseg.core.config import MethodConfig
 from refseg.core.instances import Instances
 from refseg.core.matching import Matcher
@@ -109,7 +110,13 @@ def _label(scene, encoder, bank, **method) -> list[Instances]:
     )
     sam = ShapeSam([*CLASS_COLOURS, DISTRACTOR, *BACKGROUNDS], image_size=SAM_SIZE).eval()
     seg = Segmenter(Sam2Proposer(sam, m), Matcher(encoder, bank, m))
-    return seg([scene["images"][name] for name, _ in scene["targets"]])
+    found = seg([scene["images"][name] for name, _ in scene["targets"]])
+    return [  # the matcher gives RLEs; these tests compare dense masks
+        dataclasses.replace(i, masks=np.stack([rle.decode_rle(r) for r in i.rles]))
+        if len(i)
+        else Instances.empty(i.image_size, with_masks=True)
+        for i in found
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from doubles import colour_dino_encoder
+from refseg.core import rle
 from refseg.core.config import MethodConfig
 from refseg.core.features import DinoEncoder
 from refseg.core.matching import Matcher
@@ -295,7 +296,7 @@ def test_matching_matches_transcription(
     for k, (label, score, mask, box, pred_iou) in enumerate(expected):
         assert int(got.category_ids[k]) == ids[label]
         assert float(got.scores[k]) == pytest.approx(score, abs=1e-5)
-        assert np.array_equal(got.masks[k], mask.numpy())
+        assert np.array_equal(rle.decode_rle(got.rles[k]), mask.numpy())
         assert got.boxes[k].tolist() == box
         assert float(got.proposal_iou[k]) == pytest.approx(pred_iou, abs=1e-7)
 
@@ -314,7 +315,7 @@ def test_lowres_merging_stays_close_to_the_paper(seed):
     assert len(full) == len(low) > 5
 
     def key(inst, k):
-        return (int(inst.category_ids[k]), inst.masks[k].tobytes())
+        return (int(inst.category_ids[k]), rle.decode_rle(inst.rles[k]).tobytes())
 
     by_mask = {key(full, k): float(full.scores[k]) for k in range(len(full))}
     assert {key(low, k) for k in range(len(low))} == set(by_mask)
