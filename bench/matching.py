@@ -80,9 +80,9 @@ def peak_growth(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def agreement(full: Instances, low: Instances) -> dict[str, float]:
-    def keys(inst: Instances) -> dict[tuple[int, bytes], float]:
+    def keys(inst: Instances) -> dict[tuple[int, str], float]:  # equal RLEs: equal masks
         return {
-            (int(inst.category_ids[k]), inst.masks[k].tobytes()): float(inst.scores[k])
+            (int(inst.category_ids[k]), str(inst.rles[k]["counts"])): float(inst.scores[k])
             for k in range(len(inst))
         }
 
