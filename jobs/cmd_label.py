@@ -24,9 +24,13 @@ PIPELINE_FLAGS: dict[str, tuple[type, str]] = {
     "proposal_batch_size": (int, "images per SAM2 proposal call"),
     "match_batch_size": (int, "images per DINOv2 matching call"),
     "write_batch_size": (int, "images per output part file"),
-    "proposal_actors": (int, "SAM2 actors (default: from the cluster's GPUs, 1 on CPU)"),
-    "match_actors": (int, "DINOv2 matching actors (default: from the cluster)"),
-    "gpus_per_actor": (float, "GPUs per model actor (default 1; 0.5 on a single GPU)"),
+    "proposal_actors": (int, "SAM2 actors, a fixed pool (default: 1 to one per GPU; CPU: 1)"),
+    "match_actors": (int, "DINOv2 matching actors, a fixed pool (default: as SAM2's)"),
+    "gpus_per_actor": (
+        float,
+        "GPU share of every model actor (default: a SAM2 and a DINOv2 actor per GPU, "
+        "shares by FLOPs)",
+    ),
     "cpus_per_actor": (float, "CPUs per model actor (default 1 on GPU, 0.5 on CPU)"),
     "decode_cpus": (float, "CPUs per fetch/decode task"),
     "write_cpus": (float, "CPUs per write task"),

@@ -90,6 +90,8 @@ def run_rematch(args: argparse.Namespace) -> int:
         bank = MemoryBank.load(args.memory)
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - set(_CHECKPOINT_FIELDS)
     model = dataclasses.replace(model, **{k: v for k, v in explicit.items() if k in model_fields})
+    # where it runs is this run's choice, never the cached run's: --device, else the plan's
+    model = dataclasses.replace(model, device=explicit.get("device") or "auto")
     method_fields = {f.name for f in dataclasses.fields(MethodConfig)}
     method = dataclasses.replace(
         method, **{k: v for k, v in explicit.items() if k in method_fields}

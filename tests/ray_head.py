@@ -40,9 +40,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def with_free_ports(argv: list[str]) -> tuple[list[str], dict[str, int]]:
-    """``argv`` with every port flag set to a free port (replacing values it had)."""
-    ports = {flag: free_port() for flag in PORT_FLAGS}
+def with_free_ports(
+    argv: list[str], fixed: dict[str, int] | None = None
+) -> tuple[list[str], dict[str, int]]:
+    """``argv`` with every port flag set to a free port (replacing values it had), or to
+    the port ``fixed`` gives it."""
+    ports = {flag: free_port() for flag in PORT_FLAGS} | (fixed or {})
     kept = [a for a in argv if a.split("=", 1)[0] not in ports]
     return kept + [f"{flag}={port}" for flag, port in ports.items()], ports
 
@@ -61,15 +64,23 @@ def _session_members(sid: int) -> list[int]:
 
 
 @contextmanager
-def ray_head(argv: list[str], env: dict[str, str], *, wait_s: float = 120) -> Iterator[dict]:
+def ray_head(
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    ports: dict[str, int] | None = None,
+    wait_s: float = 120,
+) -> Iterator[dict]:
     """Run ``ray start ARGV --head --block`` (ARGV without ``ray start``); yield its info.
 
     Yields ``{"gcs": "127.0.0.1:PORT", "dashboard": "http://127.0.0.1:PORT", "ports": ...,
     "temp_dir": ...}`` once the GCS accepts connections and, when one was asked for, the
-    dashboard answers HTTP (any status: 401 counts). Stops the whole session afterwards.
+    dashboard answers HTTP (any status: 401 counts). ``ports``: flags whose port is given
+    (e.g. ``{"--port": N}`` when a config names the GCS address). Stops the whole session
+    afterwards.
     """
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths
-    argv, ports = with_free_ports(argv)
+    argv, ports = with_free_ports(argv, ports)
     argv = [*argv, f"--temp-dir={temp_dir}", "--block"]
     log = Path(temp_dir) / "head.log"
     with log.open("wb") as out:

@@ -321,19 +321,19 @@ def test_pipeline_settings_precedence(tmp_path):
 
 
 def test_cpu_resources_threads_per_pool():
+    from refseg.core.config import MethodConfig, ModelConfig
+    from refseg.pipeline.dataflow.capacity import ClusterCapacity
+    from refseg.pipeline.dataflow.graph import LabelStages, plan_resources
     from refseg.pipeline.dataflow.settings import PipelineSettings
 
-    r = PipelineSettings().resolve(cluster_gpus=0, cluster_cpus=2)
+    stages = LabelStages(ModelConfig(device="auto"), MethodConfig(), b"")
+    r = plan_resources(PipelineSettings(), stages, ClusterCapacity(2, 0))
     assert (r.device, r.torch_threads, r.match_torch_threads) == ("cpu", 2, 2)
-    r = PipelineSettings(match_torch_threads=1).resolve(cluster_gpus=0, cluster_cpus=4)
+    r = plan_resources(PipelineSettings(match_torch_threads=1), stages, ClusterCapacity(4, 0))
     assert (r.torch_threads, r.match_torch_threads, r.cpus_per_actor) == (4, 1, 0.5)
-    r = PipelineSettings().resolve(cluster_gpus=8, cluster_cpus=64)
-    assert (r.device, r.proposal_actors, r.match_actors, r.gpus_per_proposal_actor) == (
-        "cuda",
-        6,
-        2,
-        1.0,
-    )
+    r = plan_resources(PipelineSettings(), stages, ClusterCapacity(64, 8))
+    # every GPU hosts both pools (tests/test_resource_plan.py has the whole policy)
+    assert (r.device, r.proposal_actors, r.match_actors) == ("cuda", 8, 8)
 
 
 # --------------------------------------------------------------------------- evaluate

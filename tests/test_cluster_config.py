@@ -47,3 +47,15 @@ def test_schema_check_rejects_a_broken_config(config):
     broken["available_node_types"]["gpu_worker"]["min_workers"] = "many"
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(broken))
+
+
+def test_the_head_autoscaler_reads_the_config_a_job_reads(config):
+    """`ray up` writes the prepared config to ~/ray_bootstrap_config.yaml on the head, its
+    autoscaler reads it, and so does a refseg job's resource plan (capacity.py)."""
+    from refseg.pipeline.dataflow.capacity import BOOTSTRAP_CONFIG, autoscaler_gpus
+
+    (line,) = [c for c in config["head_start_ray_commands"] if "ray start --head" in c]
+    assert f"--autoscaling-config=~/{BOOTSTRAP_CONFIG}" in line
+    workers = config["available_node_types"]["gpu_worker"]
+    expected = workers["max_workers"] * workers["resources"]["GPU"]
+    assert autoscaler_gpus(prepare_config(copy.deepcopy(config))) == expected == 128

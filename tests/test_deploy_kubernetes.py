@@ -185,6 +185,12 @@ def test_rayjob_entrypoint_is_a_refseg_label_command_the_cli_accepts() -> None:
     for uri in (args.memory, args.images, args.out, args.sam2_checkpoint, args.dinov2_checkpoint):
         assert uri.startswith("s3://YOUR_BUCKET/"), uri
     assert args.progress_interval == 60.0
+    # KubeRay with Ray 2.60 gives a job no autoscaler config to read: the entrypoint says
+    # how many GPUs the worker group can provide (tests/test_resource_plan.py: the policy)
+    (group,) = _rayjob()["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    (container,) = group["template"]["spec"]["containers"]
+    per_pod = int(container["resources"]["limits"]["nvidia.com/gpu"])
+    assert args.device == "cuda" and args.max_gpus == group["maxReplicas"] * per_pod
 
 
 def test_placeholders_are_the_only_edits() -> None:

@@ -15,18 +15,26 @@ GPU, pool size or batch size.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import ray.data
 from ray.data import ActorPoolStrategy
 from refseg.core.config import MethodConfig, ModelConfig
+from refseg.pipeline.dataflow.capacity import ClusterCapacity, read_capacity, wait_for_gpu
 from refseg.pipeline.dataflow.decode import decode_batch
+from refseg.pipeline.dataflow.planning import CPU_MATCH_THREADS, plan
 from refseg.pipeline.dataflow.proposal_cache import read_cache_parts
+from refseg.pipeline.dataflow.rows import InputColumns, image_rows, input_columns, instance_rows
 from refseg.pipeline.dataflow.settings import PipelineSettings, Resources
+from refseg.pipeline.dataflow.sources import fetch_bytes
 from refseg.pipeline.dataflow.stages import MatchStage, ProposalStage, RematchStage
 from refseg.pipeline.dataflow.writer import write_parts
+from refseg.pipeline.schema import Col
 from refseg.pipeline.storage import Location
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CPU_MATCH_THREADS",
@@ -34,6 +42,7 @@ __all__ = [
     "RematchStages",
     "Stages",
     "build_graph",
+    "append_labelling",
     "plan_resources",
 ]
 
@@ -46,10 +55,6 @@ __all__ = [
 # Only write_parts, fetch_bytes and read_cache_parts raise them (other failed reads are
 # error rows); all are idempotent.
 IO_RETRIES = 6
-
-#: torch threads per cached-feature matching actor on CPU: matching without DINOv2 is many
-#: small tensor operations, which extra threads slow down (BENCHMARKS.md, section 6).
-CPU_MATCH_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,11 @@ class LabelStages:
     cache_proposals: bool = False
     pools = ("propose", "match")
 
+    @property
+    def device(self) -> str:
+        """``cpu``, ``cuda`` or ``auto``: where the job is meant to run (the plan's input)."""
+        return self.model.device
+
 
 @dataclass(frozen=True)
 class RematchStages:
@@ -83,6 +93,7 @@ class RematchStages:
     method: MethodConfig
     bank_bytes: bytes
     cache: Location
+    device: str = "auto"  # cpu, cuda or auto: where the job is meant to run
     pools = ("rematch",)
 
 
@@ -90,26 +101,30 @@ Stages = LabelStages | RematchStages
 
 
 def plan_resources(
-    settings: PipelineSettings, stages: Stages, cluster: dict[str, float]
+    settings: PipelineSettings,
+    stages: Stages,
+    cluster: dict[str, float] | ClusterCapacity,
 ) -> Resources:
-    """What each pool asks Ray for: the one resource policy of every job.
+    """What each pool asks Ray for: the one resource policy of every job
+    (``refseg.pipeline.dataflow.planning``), from what the cluster can provide.
+
+    On a cluster with no GPU up yet whose plan uses GPUs, waits (``settings.gpu_wait_s`` at
+    most) until the autoscaler has started a GPU node, and raises ``NoGpuError`` (one line)
+    if none comes.
 
     Args:
         settings: the user's pipeline settings (``None`` fields: choose here).
-        stages: the job's stage list (its ``pools``).
-        cluster: ``ray.cluster_resources()``.
+        stages: the job's stage list (its ``pools`` and ``device``).
+        cluster: ``ray.cluster_resources()`` (the autoscaler's capacity is read from the
+            connected cluster), or a :class:`ClusterCapacity` (nothing is read).
     """
-    res = settings.resolve(cluster.get("GPU", 0), cluster.get("CPU", 1))
-    if "propose" in stages.pools:
-        return res
-    # cached-feature matching only: every GPU to the one pool; on CPU one actor with one
-    # torch thread unless the user says otherwise
-    if res.device == "cuda":
-        per = settings.gpus_per_actor or 1.0
-        actors = settings.match_actors or max(1, int(cluster.get("GPU", 0) / per))
-        return dataclasses.replace(res, match_actors=actors, gpus_per_match_actor=per)
-    threads = settings.match_torch_threads or settings.torch_threads or CPU_MATCH_THREADS
-    return dataclasses.replace(res, match_torch_threads=threads)
+    cap = cluster if isinstance(cluster, ClusterCapacity) else read_capacity(cluster)
+    res = plan(settings, stages, cap)
+    log.info("resources: %s", res)
+    if res.gpus and cap.gpus < 1 and not isinstance(cluster, ClusterCapacity):
+        share = min(s for s in (res.gpus_per_proposal_actor, res.gpus_per_match_actor) if s)
+        wait_for_gpu(share, settings.gpu_wait_s, res.basis)
+    return res
 
 
 def _retry_transient_io_errors(ds: ray.data.Dataset) -> None:
@@ -128,43 +143,50 @@ def _actors(
     kwargs: dict[str, Any],
     *,
     actors: int,
+    min_actors: int | None,
     gpus: float,
     cpus: float,
     batch: int,
 ) -> ray.data.Dataset:
+    if min_actors is None:  # a fixed pool (CPU)
+        compute = ActorPoolStrategy(size=actors)
+    else:  # start at the largest size (ray #59144), give idle actors back down to min
+        compute = ActorPoolStrategy(min_size=min_actors, max_size=actors, initial_size=actors)
     return ds.map_batches(
         cls,
         fn_constructor_kwargs=kwargs,
-        compute=ActorPoolStrategy(size=actors),
+        compute=compute,
         batch_size=batch,
         num_gpus=gpus,
         num_cpus=cpus,
     )
 
 
-def append_stages(
-    ds: ray.data.Dataset, stages: Stages, settings: PipelineSettings, res: Resources
+def _rematch_stages(
+    ds: ray.data.Dataset, stages: RematchStages, s: PipelineSettings, res: Resources
 ) -> ray.data.Dataset:
-    """``ds`` with the job's model stages appended; rows leave them with the writer's
-    columns (``refseg.pipeline.dataflow.writer.write_parts``)."""
-    s = settings
-    if isinstance(stages, RematchStages):
-        ds = _tasks(ds, read_cache_parts, {"cache": stages.cache}, 1, s.decode_cpus)
-        kwargs = {
-            "method": stages.method,
-            "bank_bytes": stages.bank_bytes,
-            "device": res.device,
-            "torch_threads": res.match_torch_threads,
-        }
-        return _actors(
-            ds,
-            RematchStage,
-            kwargs,
-            actors=res.match_actors,
-            gpus=res.gpus_per_match_actor,
-            cpus=res.cpus_per_actor,
-            batch=s.match_batch_size,
-        )
+    ds = _tasks(ds, read_cache_parts, {"cache": stages.cache}, 1, s.decode_cpus)
+    kwargs = {
+        "method": stages.method,
+        "bank_bytes": stages.bank_bytes,
+        "device": res.device,
+        "torch_threads": res.match_torch_threads,
+    }
+    return _actors(
+        ds,
+        RematchStage,
+        kwargs,
+        actors=res.match_actors,
+        min_actors=res.match_min_actors,
+        gpus=res.gpus_per_match_actor,
+        cpus=res.cpus_per_actor,
+        batch=s.match_batch_size,
+    )
+
+
+def _label_stages(
+    ds: ray.data.Dataset, stages: LabelStages, s: PipelineSettings, res: Resources
+) -> ray.data.Dataset:
     model = dataclasses.replace(stages.model, device=res.device)
     decode = {
         "size": model.sam2_image_size,
@@ -178,6 +200,7 @@ def append_stages(
         ProposalStage,
         propose,
         actors=res.proposal_actors,
+        min_actors=res.proposal_min_actors,
         gpus=res.gpus_per_proposal_actor,
         cpus=res.cpus_per_actor,
         batch=s.proposal_batch_size,
@@ -194,10 +217,54 @@ def append_stages(
         MatchStage,
         match,
         actors=res.match_actors,
+        min_actors=res.match_min_actors,
         gpus=res.gpus_per_match_actor,
         cpus=res.cpus_per_actor,
         batch=s.match_batch_size,
     )
+
+
+Output = Literal["instances", "images", "parts"]
+
+
+def append_labelling(
+    ds: ray.data.Dataset,
+    stages: LabelStages,
+    *,
+    settings: PipelineSettings | None = None,
+    resources: Resources | None = None,
+    columns: InputColumns = InputColumns(),
+    output: Output = "instances",
+    s3_endpoint: str | None = None,
+) -> ray.data.Dataset:
+    """``ds`` with refseg's labelling stages appended: what ``refseg label`` runs between
+    its source and its OUT, for any dataset with an image-bytes or image-URI column.
+
+    Args:
+        ds: one row per image; ``columns`` names its bytes / URI / id columns (a URI
+            column alone: the bytes are read by CPU tasks, local paths or object stores).
+        stages: models, method and memory bank (:class:`LabelStages`).
+        settings: batch and pool knobs (defaults when ``None``).
+        resources: what each pool asks Ray for; ``None``: :func:`plan_resources` on the
+            running cluster (the policy ``refseg label`` uses).
+        output: ``"instances"``: one row per instance (``INSTANCES_SCHEMA``, as
+            ``OUT/instances``); ``"images"``: one row per image (``IMAGES_SCHEMA``: status,
+            error text of an unreadable image, instance count, seconds per stage);
+            ``"parts"``: the per-image rows ``refseg label``'s writer takes.
+    """
+    s = settings or PipelineSettings()
+    if resources is None:
+        resources = plan_resources(s, stages, ray.cluster_resources())
+    if not columns.standard:
+        ds = _tasks(ds, input_columns, {"columns": columns}, s.decode_batch_size, s.decode_cpus)
+    if columns.bytes is None:
+        fetch = {"s3_endpoint": s3_endpoint}
+        ds = _tasks(ds, fetch_bytes, fetch, s.decode_batch_size, s.decode_cpus)
+    ds = _label_stages(ds, stages, s, resources)
+    if output == "parts":
+        return ds
+    rows = instance_rows if output == "instances" else image_rows
+    return _tasks(ds, rows, {}, s.write_batch_size, s.write_cpus)
 
 
 def build_graph(
@@ -208,7 +275,16 @@ def build_graph(
     resources: Resources,
     out: Location,
 ) -> ray.data.Dataset:
-    """Wire a job: its stages, then the part writer; a dataset of small per-image rows."""
+    """Wire a job: its stages, then the part writer; a dataset of small per-image rows.
+
+    ``source`` holds the stages' own columns (refseg.pipeline.dataflow.sources).
+    """
     _retry_transient_io_errors(source)
-    ds = append_stages(source, stages, settings, resources)
+    if isinstance(stages, RematchStages):
+        ds = _rematch_stages(source, stages, settings, resources)
+    else:
+        standard = InputColumns(Col.BYTES, Col.IMAGE_URI, Col.IMAGE_ID)
+        ds = append_labelling(
+            source, stages, settings=settings, resources=resources, columns=standard, output="parts"
+        )
     return _tasks(ds, write_parts, {"out": out}, settings.write_batch_size, settings.write_cpus)

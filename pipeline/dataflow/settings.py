@@ -9,7 +9,14 @@ __all__ = ["PipelineSettings", "Resources"]
 
 @dataclass(frozen=True)
 class Resources:
-    """What each stage asks Ray for, resolved against the cluster."""
+    """What each stage asks Ray for (planned by ``graph.plan_resources``).
+
+    ``proposal_actors`` / ``match_actors`` are each pool's largest size. A GPU pool
+    (``*_min_actors`` set) starts at that size, its actors waiting for the GPU nodes an
+    autoscaler adds, and gives idle actors back down to its minimum; a CPU pool
+    (``*_min_actors`` None) has exactly that size. ``device`` is where the actors' torch
+    code runs; ``gpus`` the most GPUs the plan uses (0: CPU) and ``basis`` why, in words.
+    """
 
     proposal_actors: int
     match_actors: int
@@ -19,17 +26,23 @@ class Resources:
     torch_threads: int | None
     device: str
     match_torch_threads: int | None = None  # None: as torch_threads
+    proposal_min_actors: int | None = None
+    match_min_actors: int | None = None
+    gpus: int = 0
+    basis: str = ""
 
 
 @dataclass(frozen=True)
 class PipelineSettings:
-    """Knobs of the dataset graph. ``None`` means: choose from the cluster's resources.
+    """Knobs of the dataset graph. ``None`` means: choose from what the cluster can provide.
 
-    On GPU clusters each actor takes one GPU (two pools share a lone GPU by halves): SAM2
-    proposals get most GPUs since they carry ~85% of the FLOPs. On CPU, one actor per pool
-    with fractional CPUs so that read, decode and write tasks always find a CPU (a 2-CPU
-    job whose actors take a whole CPU each hangs with no error), and torch threads equal to
-    the CPUs (``torch_threads`` sets them).
+    The policy is ``refseg.pipeline.dataflow.planning`` (run through
+    ``graph.plan_resources``): on GPUs each GPU hosts a SAM2 and a DINOv2 actor, with GPU
+    fractions in the ratio of their FLOPs per image, pools growing from one actor to one
+    per planned GPU; ``max_gpus`` bounds the GPUs (0: CPU only) and ``gpu_wait_s`` the wait
+    for the first GPU node. On CPU, one actor per pool with fractional CPUs so that read,
+    decode and write tasks always find a CPU (a 2-CPU job whose actors take a whole CPU
+    each hangs with no error), and torch threads equal to the CPUs (``torch_threads``).
     """
 
     decode_batch_size: int = 4
@@ -45,36 +58,5 @@ class PipelineSettings:
     torch_threads: int | None = None
     match_torch_threads: int | None = None
     max_pixels: int = 178_956_970  # PIL's own decompression-bomb limit (2x its warning size)
-
-    def resolve(self, cluster_gpus: float, cluster_cpus: float) -> Resources:
-        gpus = int(cluster_gpus)
-        if gpus >= 1:
-            per = self.gpus_per_actor if self.gpus_per_actor is not None else 1.0
-            if gpus == 1 and self.gpus_per_actor is None:
-                per = 0.5  # one GPU: the two pools share it
-            match = self.match_actors or max(1, round(gpus / per / 5))
-            proposal = self.proposal_actors or max(1, int(gpus / per) - match)
-            return Resources(
-                proposal,
-                match,
-                per,
-                per,
-                self.cpus_per_actor or 1.0,
-                self.torch_threads,
-                "cuda",
-                self.match_torch_threads or self.torch_threads,
-            )
-        cpus = self.cpus_per_actor if self.cpus_per_actor is not None else 0.5
-        # Every core to each actor: SAM2 takes ~90% of the model time, so the matching
-        # actor mostly waits (2 CPUs, tiny preset: 46 s -> 35 s for 24 images; BENCHMARKS.md).
-        threads = self.torch_threads or max(1, int(cluster_cpus))
-        return Resources(
-            self.proposal_actors or 1,
-            self.match_actors or 1,
-            0.0,
-            0.0,
-            cpus,
-            threads,
-            "cpu",
-            self.match_torch_threads or threads,
-        )
+    max_gpus: int | None = None
+    gpu_wait_s: float = 900.0
