@@ -28,7 +28,7 @@ _MODEL_HELP = {
     "random_weights": "build the models with random weights (offline smoke runs only)",
     "sam2_image_size": "SAM2 input side (1024 in the paper)",
     "dinov2_image_size": "DINOv2 input side, a multiple of 14 (518 in the paper)",
-    "compile": "torch.compile SAM2's encoder and decoder and the DINOv2 blocks (GPU speed)",
+    "compile": "torch.compile what runs: SAM2's image encoder and mask decoder, DINOv2 (GPU speed)",
 }
 _METHOD_HELP = {
     "points_per_side": "point-grid prompts per side (32: 1024 prompts)",
