@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import time
 import warnings
 from pathlib import Path
 
@@ -183,10 +184,12 @@ def test_read_capacity_finds_the_bootstrap_config_on_the_head(tmp_path, monkeypa
 
 
 def test_the_wait_for_a_gpu_is_bounded(ray_local):
+    t0 = time.monotonic()
     with pytest.raises(NoGpuError) as err:
         wait_for_gpu(0.5, 2.0, "1 GPU: --device cuda")
+    assert time.monotonic() - t0 < 30  # the bound, not a speed target
     assert str(err.value).startswith("no GPU joined the Ray cluster within 2 s (1 GPU:")
-    assert ray_local.available_resources().get("CPU") == 2.0  # the probe is gone
+    assert "\n" not in str(err.value)
 
 
 def test_refseg_label_device_cuda_without_a_gpu_is_refused(tiny_setup, tmp_path):
