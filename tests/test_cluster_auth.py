@@ -152,7 +152,7 @@ def _client_env(**extra: str) -> dict[str, str]:
 
 # The job: refseg's driver connects to the cluster it runs on (RAY_ADDRESS set by Ray)
 _ENTRYPOINT = (
-    f"{sys.executable} -c 'from refseg.pipeline.job import ensure_ray; ensure_ray(); "
+    f"{sys.executable} -c 'from refseg.pipeline.run import ensure_ray; ensure_ray(); "
     'import ray; print("REFSEG-JOB-RAN", ray.cluster_resources()["CPU"])\''
 )
 

@@ -238,7 +238,7 @@ def test_the_dockerfile_steps_install_from_what_they_copy(tmp_path):
 def test_the_script_alone_sets_up_a_working_refseg(tmp_path):
     """A fresh venv, the script, then `refseg label` on two images with random weights.
 
-    Measured on this 2-core machine under other load: about 6 minutes and 6 GB (torch's
+    Measured on this 2-core machine under other load: 6 to 10 minutes and 6 GB (torch's
     wheels with their CUDA libraries), so it runs in `make test-slow`, not in `make test`;
     the tests above check the script's steps and the Dockerfile's use of it on every run.
     """
