@@ -245,7 +245,12 @@ def test_the_script_alone_sets_up_a_working_refseg(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     pip = venv / "bin" / "pip"
-    proc = subprocess.run([SH, str(SCRIPT), str(pip)], capture_output=True, text=True, timeout=1800)
+    context = tmp_path / "context"  # what the Dockerfile copies: pip builds there, not here
+    for rel in _context_files():
+        (context / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / rel, context / rel)
+    script = context / "deploy" / "install.sh"
+    proc = subprocess.run([SH, str(script), str(pip)], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     check = (REPO / "tests" / "install_check.py").read_text()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
