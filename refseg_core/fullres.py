@@ -48,6 +48,9 @@ KERNEL_CHUNK = 2**22
 #: The windowed vertical pass costs up to about this many times torch's per pixel: a
 #: window taller than 1/ROUTE_RATIO of the image runs torch's pass over whole columns.
 ROUTE_RATIO = 2
+#: Share of a window's pixels that the sure-sign test may leave open before every pixel
+#: is evaluated instead (speckled masks).
+UNSURE_SHARE = 0.1
 #: Taps at least this large cannot underflow when weighted: their output keeps their sign.
 _TINY = 2.0**-100
 
@@ -141,9 +144,8 @@ def _longest_side_grid(info: ResizeInfo) -> tuple[torch.Tensor, torch.Tensor]:
     return (gy - 1).float(), (gx - 1).float()
 
 
-def _first_last(flags: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def _first_last(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(K, n) bool -> (K,) first and last True index; -1 and -1 where a row has none."""
-    f = flags.cpu().numpy()
     n = f.shape[1]
     first = np.argmax(f, axis=1)
     last = n - 1 - np.argmax(f[:, ::-1], axis=1)
@@ -196,6 +198,7 @@ class FullResolution:
             dev = self.device
             self._i0, self._i1 = ax_y.i0.to(dev), ax_y.i1.to(dev)
             self._w0, self._w1 = ax_y.w0.to(dev), ax_y.w1.to(dev)
+            self._w1d = self._w1.double()
         else:
             gy, gx = _longest_side_grid(info)
             self._gy, self._gx = gy.to(self.device), gx.to(self.device)
@@ -216,9 +219,9 @@ class FullResolution:
         k = int(logits.shape[0])
         if self.threshold < 0:
             return [Window(0, self.oh, 0, self.ow)] * k
-        pos = logits > 0
-        r0, r1 = _first_last(pos.any(dim=2))  # (K,) first/last positive row, -1 if none
-        c0, c1 = _first_last(pos.any(dim=1))
+        pos = (logits > 0).cpu().numpy()
+        r0, r1 = _first_last(pos.any(axis=2))  # (K,) first/last positive row, -1 if none
+        c0, c1 = _first_last(pos.any(axis=1))
         if self.square:
             y0, y1 = _spans(self._lo_y, self._hi_y, r0, r1)
             x0, x1 = _spans(self._lo_x, self._hi_x, c0, c1)
@@ -300,6 +303,8 @@ class FullResolution:
         sure_fg = (ta >= _TINY) & (tb >= _TINY)
         unsure = ~sure_fg & ((ta > 0) | (tb > 0))
         n_run, width, length = ta.shape[0], ta.shape[1], int(counts.max())
+        if int(unsure.sum()) * length > UNSURE_SHARE * n_run * length * width:
+            return self._rows_positive(temp, a, win)  # speckles: every pixel, in float64
         # (R, L, w): run r's output rows, padded to the longest run
         padded = sure_fg[:, None, :].expand(n_run, length, width).clone()
         run, col = torch.nonzero(unsure, as_tuple=True)
@@ -312,6 +317,33 @@ class FullResolution:
             padded[run, :, col] = self._two_taps_positive(t0, t1, rows)
         within = torch.arange(win.y1 - win.y0, device=self.device) - starts[inverse]
         return padded.reshape(n_run * length, width).index_select(0, inverse * length + within)
+
+    def _rows_positive(self, temp: torch.Tensor, a: int, win: Window) -> torch.Tensor:
+        """``values(...) > 0`` for every pixel of the window, a few rows at a time.
+
+        The product ``t1 * w1`` of two float32 is exact in float64, so the float64 sum
+        ``t1 * w1 + t0 * w0`` (``t0 * w0`` rounded to float32, as the kernel does) has the
+        sign of the FMA's exact value; only a value so small that float32 rounds it to
+        zero could differ, and none exists unless a tap is below 2**-60 (checked).
+        """
+        out = torch.empty(win.shape, dtype=torch.bool, device=self.device)
+        nonzero = temp[temp != 0]
+        tiny = bool(nonzero.numel()) and float(nonzero.abs().min()) < 2.0**-60
+        step = max(1, CHUNK // max(win.x1 - win.x0, 1))
+        for s in range(win.y0, win.y1, step):
+            i = slice(s, min(s + step, win.y1))
+            t0 = temp.index_select(0, self._i0[i] - a)
+            t1 = temp.index_select(0, self._i1[i] - a)
+            p0 = t0 * self._w0[i, None]
+            part = out[i.start - win.y0 : i.stop - win.y0]
+            if self.variant == "plain":
+                torch.gt(p0 + t1 * self._w1[i, None], 0, out=part)
+            elif tiny:
+                torch.gt(exact_fma(t1, self._w1[i, None].expand_as(t1), p0), 0, out=part)
+            else:
+                exact = torch.addcmul(p0.double(), t1.double(), self._w1d[i, None])
+                torch.gt(exact, 0, out=part)
+        return out
 
     def _two_taps(self, t0: torch.Tensor, t1: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The kernel's value ``t0 * w0 + t1 * w1`` of output ``rows`` (flat, float32)."""
@@ -371,8 +403,11 @@ class FullResolution:
     def _kernel_columns(self, x: torch.Tensor, win: Window, fn) -> torch.Tensor:
         """Torch's whole-column vertical pass on the window's columns, rows cut after."""
         temp, a = self._horizontal(x, win)
-        full = torch.zeros((self.h, win.x1 - win.x0), dtype=torch.float32, device=self.device)
-        full[a : a + temp.shape[0]] = temp
+        if a == 0 and temp.shape[0] == self.h:
+            full = temp
+        else:  # rows no output of the window reads: zeros
+            full = torch.zeros((self.h, temp.shape[1]), dtype=torch.float32, device=self.device)
+            full[a : a + temp.shape[0]] = temp
         parts = []
         step = max(1, KERNEL_CHUNK // self.oh)
         for c in range(0, full.shape[1], step):
@@ -385,7 +420,7 @@ class FullResolution:
                 antialias=True,
             )
             parts.append(fn(up[0, 0, win.y0 : win.y1]))
-        return torch.cat(parts, dim=1)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def _kernel_mask(self, x: torch.Tensor, win: Window) -> torch.Tensor:
         thr = self.threshold

@@ -168,6 +168,7 @@ def encode_masks(
             continue
         kept = store.masks.get(keys[i]) if store is not None and keys is not None else None
         mask = kept if kept is not None else fr.mask(logits[i], win)
-        boxes[i] = ops.box_of_window(mask, win.y0, win.x0, inclusive=inclusive).cpu().numpy()
-        rles.append(rle_ops.encode_window(mask.cpu().numpy(), win.y0, win.x0, size))
+        columns = mask.T.contiguous().cpu().numpy()  # torch transposes bool ~3x faster
+        boxes[i] = ops.box_of_window(columns.T, win.y0, win.x0, inclusive=inclusive)
+        rles.append(rle_ops.encode_window(columns, win.y0, win.x0, size, columns=True))
     return boxes, tuple(rles)

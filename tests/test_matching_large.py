@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from refseg.core import matching, ops
+from refseg.core import fullres, matching, ops
 from refseg.core import rle as rle_ops
 from refseg.core.config import MethodConfig
 from refseg.core.fullres import FullResolution, Window, exact_fma, exactness
@@ -189,7 +189,7 @@ CASES = [
 
 @pytest.mark.parametrize("info", CASES, ids=lambda i: f"{i.mode}-{i.orig_hw}")
 @pytest.mark.parametrize("threshold", [0.0, 0.7, -0.5])
-def test_window_masks_equal_the_whole_image(info, threshold):
+def test_window_masks_equal_the_whole_image(info, threshold, monkeypatch):
     x = torch.cat([ellipses(3, 1), speckles(2, 1)])
     x[0] = -5.0
     x[0, 100:140, 30:90] = torch.randn(40, 60)  # a small noisy blob
@@ -199,8 +199,11 @@ def test_window_masks_equal_the_whole_image(info, threshold):
         full = torch.zeros_like(ref[k])
         if win is not None:
             full[win.y0 : win.y1, win.x0 : win.x1] = fr.mask(x[k], win)
-            if fr.square and fr._two_tap:  # both vertical routes, forced
-                assert torch.equal(fr._emulated_mask(x[k], win), fr._kernel_mask(x[k], win))
+            if fr.square and fr._two_tap:  # every vertical route, forced
+                kernel = fr._kernel_mask(x[k], win)
+                for share in (0.0, 2.0):  # every pixel in float64; or the sure-sign test
+                    monkeypatch.setattr(fullres, "UNSURE_SHARE", share)
+                    assert torch.equal(fr._emulated_mask(x[k], win), kernel)
         assert torch.equal(full, ref[k]), f"mask {k}, window {win}"
 
 
@@ -283,10 +286,11 @@ def test_encode_window_is_pycocotools_encoding(hw, win, fill):
     full[win.y0 : win.y1, win.x0 : win.x1] = crop
     got = rle_ops.encode_window(crop, win.y0, win.x0, hw)
     assert got == rle_ops.encode_masks(full[None])[0]
+    assert got == rle_ops.encode_window(crop.T.copy(), win.y0, win.x0, hw, columns=True)
     for inclusive in (True, False):
-        box = ops.box_of_window(torch.from_numpy(crop), win.y0, win.x0, inclusive=inclusive)
+        box = ops.box_of_window(crop, win.y0, win.x0, inclusive=inclusive)
         want = ops.masks_to_boxes(torch.from_numpy(full[None]), inclusive=inclusive)[0]
-        assert torch.equal(box, want)
+        np.testing.assert_array_equal(box, want.numpy())
 
 
 def test_encode_window_refuses_a_window_outside_the_image():
