@@ -19,8 +19,8 @@ never changed here, so decoding is safe to call from many threads.
 
 from __future__ import annotations
 
+import functools
 import io
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps
 from refseg.core.config import ResizeMode
+from refseg.core.crops import context_crop_box
 
 if TYPE_CHECKING:  # torch is imported only where tensors are made (refseg.core.tensors)
     import torch
@@ -40,6 +41,7 @@ __all__ = [
     "ResizeInfo",
     "context_crop_box",
     "decode_image",
+    "decode_target",
     "longest_side_hw",
     "prepare_target",
     "resize_image",
@@ -120,6 +122,30 @@ def decode_image(
             above ``max_pixels``, or a pixel mode that cannot become RGB.
         TypeError: ``data`` is not bytes-like (e.g. a path).
     """
+    finish = functools.partial(_to_rgb_array, uri=uri)
+    return _decode(data, uri, max_pixels, apply_exif_orientation, formats, finish)
+
+
+def decode_target(
+    data: bytes | bytearray | memoryview,
+    size: int,
+    mode: ResizeMode = "square",
+    *,
+    uri: str = "<bytes>",
+    max_pixels: int = 178_956_970,
+    apply_exif_orientation: bool = True,
+    formats: Sequence[str] = DEFAULT_FORMATS,
+) -> PreparedTarget:
+    """``prepare_target(decode_image(data, ...), size, mode)``, the same arrays, in less
+    memory: the decoded pixels stay in PIL and go straight to the resize (no full-size NumPy
+    copy, no second PIL image made from it), and an EXIF rotation replaces the decoded
+    image instead of adding a rotated copy beside it. Arguments and errors as
+    ``decode_image``."""
+    finish = functools.partial(_target, size=size, mode=mode, uri=uri)
+    return _decode(data, uri, max_pixels, apply_exif_orientation, formats, finish)
+
+
+def _decode(data, uri, max_pixels, apply_exif_orientation, formats, finish):  # type: ignore[no-untyped-def]
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(
             f"decode_image takes the encoded bytes of {uri!r}, got {type(data).__name__}; "
@@ -134,8 +160,9 @@ def decode_image(
         with Image.open(io.BytesIO(data), formats=allowed) as img:
             _check_size(img.size, max_pixels, uri)
             _load(img, uri)
-            oriented = _oriented(img, uri) if apply_exif_orientation else img
-            return _to_rgb_array(oriented, uri)
+            if apply_exif_orientation:
+                _orient(img, uri)
+            return finish(img)
     except ImageDecodeError:
         raise
     except Image.UnidentifiedImageError:
@@ -189,18 +216,24 @@ def _load(img: Image.Image, uri: str) -> None:
         raise
 
 
-def _oriented(img: Image.Image, uri: str) -> Image.Image:
+def _orient(img: Image.Image, uri: str) -> None:
+    """Rotate/flip ``img`` in place per its EXIF orientation (the old pixels are freed)."""
     try:
-        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
-        if orientation in (2, 3, 4, 5, 6, 7, 8):
-            return ImageOps.exif_transpose(img)
+        if img.getexif().get(_EXIF_ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8):
+            ImageOps.exif_transpose(img, in_place=True)
     except Exception as exc:
         raise ImageDecodeError(
             uri,
             f"unreadable EXIF orientation ({type(exc).__name__}: {_said(exc)})",
             "re-save the image without EXIF or decode with apply_exif_orientation=False",
         ) from exc
-    return img
+
+
+def _target(img: Image.Image, size: int, mode: ResizeMode, uri: str) -> PreparedTarget:
+    """The SAM2 input square of a decoded image, resized from PIL's own pixels."""
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode in ("I", "F"):  # scaled through NumPy
+        return prepare_target(_to_rgb_array(img, uri), size, mode)
+    return prepare_target(_rgb(img, uri), size, mode)
 
 
 def _to_rgb_array(img: Image.Image, uri: str) -> np.ndarray:
@@ -211,24 +244,36 @@ def _to_rgb_array(img: Image.Image, uri: str) -> np.ndarray:
             values = np.clip(values, 0, 65535)
         gray = (values.astype(np.uint32) >> 8).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
-    if mode == "F":
-        img = img.convert("L")
-    try:
-        rgb = img if img.mode == "RGB" else img.convert("RGB")
-    except (ValueError, OSError) as exc:
-        raise ImageDecodeError(
-            uri, f"pixel mode {mode!r} cannot be converted to RGB ({_said(exc)})", _HINT_REENCODE
-        ) from exc
-    out = np.array(rgb, dtype=np.uint8)
+    out = np.array(_rgb(img.convert("L") if mode == "F" else img, uri), dtype=np.uint8)
     if out.ndim != 3 or out.shape[2] != 3:
         raise ImageDecodeError(uri, f"mode {mode!r} gave an array of shape {out.shape}")
     return out
 
 
+def _rgb(img: Image.Image, uri: str) -> Image.Image:
+    try:
+        return img if img.mode == "RGB" else img.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageDecodeError(
+            uri,
+            f"pixel mode {img.mode!r} cannot be converted to RGB ({_said(exc)})",
+            _HINT_REENCODE,
+        ) from exc
+
+
 # ----------------------------------------------------------------------------- resizing
 
 
-def _pil_resize(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+def _shape(img: np.ndarray | Image.Image) -> tuple[int, ...]:
+    """(H, W[, C]) of an array or of a PIL image (C = 3 for RGB)."""
+    if isinstance(img, Image.Image):
+        return (img.height, img.width, *((len(img.getbands()),) if img.mode != "L" else ()))
+    return tuple(int(v) for v in img.shape)
+
+
+def _pil_resize(img: np.ndarray | Image.Image, hw: tuple[int, int]) -> np.ndarray:
+    if isinstance(img, Image.Image):  # resized from PIL's pixels, no array copy first
+        return np.array(img.resize((hw[1], hw[0]), _BICUBIC))
     if img.dtype != np.uint8 or img.ndim not in (2, 3) or 0 in img.shape[:2]:
         raise ValueError(
             f"expected a non-empty (H, W[, C]) uint8 image, got {img.dtype} {img.shape}"
@@ -237,7 +282,7 @@ def _pil_resize(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return np.array(out)
 
 
-def resize_square(img: np.ndarray, size: int) -> np.ndarray:
+def resize_square(img: np.ndarray | Image.Image, size: int) -> np.ndarray:
     """PIL-bicubic resize of an (H, W[, 3]) uint8 image to (size, size[, 3]).
 
     The aspect ratio is not kept: the paper's default for SAM2 targets.
@@ -254,7 +299,9 @@ def longest_side_hw(hw: tuple[int, int], size: int) -> tuple[int, int]:
     return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
 
 
-def resize_longest_side(img: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+def resize_longest_side(
+    img: np.ndarray | Image.Image, size: int
+) -> tuple[np.ndarray, tuple[int, int]]:
     """PIL-bicubic resize keeping the aspect ratio, padded with zeros at bottom/right.
 
     Returns:
@@ -263,9 +310,10 @@ def resize_longest_side(img: np.ndarray, size: int) -> tuple[np.ndarray, tuple[i
     """
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
-    vh, vw = longest_side_hw((int(img.shape[0]), int(img.shape[1])), size)
+    shape = _shape(img)
+    vh, vw = longest_side_hw(shape[:2], size)
     resized = _pil_resize(img, (vh, vw))
-    square = np.zeros((size, size, *img.shape[2:]), dtype=np.uint8)
+    square = np.zeros((size, size, *shape[2:]), dtype=np.uint8)
     square[:vh, :vw] = resized
     return square, (vh, vw)
 
@@ -308,52 +356,6 @@ def resize_image(img: np.ndarray, size: int, mode: ResizeMode) -> tuple[np.ndarr
     raise ValueError(f"resize mode must be 'square' or 'longest-side', got {mode!r}")
 
 
-# ----------------------------------------------------------------------------- crops, tensors
-
-
-def context_crop_box(
-    bbox_xywh: Sequence[float], image_hw: Sequence[int], scale: float = 1.2
-) -> tuple[int, int, int, int]:
-    """Square context crop around a reference box (method.md §1.2), clipped to the image.
-
-    Convention (the paper's code, reproduced exactly): the corners ``x0 = int(x)``,
-    ``x1 = int(x + w)`` (likewise y) are truncated toward zero first; the centre is
-    ``((x0 + x1) / 2, (y0 + y1) / 2)``; the side is ``max(x1 - x0, y1 - y0) * scale``; the
-    crop corners are ``int(centre -/+ side / 2)``, clipped to ``[0, W]`` and ``[0, H]``.
-
-    Returns:
-        ``(x0, y0, x1, y1)`` ints, end exclusive: ``image[y0:y1, x0:x1]``. Near a border
-        the crop is clipped, so it may be non-square.
-
-    Raises:
-        ValueError: a box with non-positive or non-finite size, or one whose crop is empty
-            (a sub-pixel box, or a box outside the image).
-    """
-    if len(bbox_xywh) != 4:
-        raise ValueError(f"bbox_xywh must have 4 numbers (x, y, w, h), got {bbox_xywh!r}")
-    bx, by, bw, bh = (float(v) for v in bbox_xywh)
-    img_h, img_w = int(image_hw[0]), int(image_hw[1])
-    if not all(math.isfinite(v) for v in (bx, by, bw, bh)) or bw <= 0 or bh <= 0:
-        raise ValueError(f"degenerate box {bbox_xywh!r}: width and height must be finite and > 0")
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be finite and > 0, got {scale}")
-    if img_h < 1 or img_w < 1:
-        raise ValueError(f"image_hw must be positive, got {tuple(image_hw)}")
-    x0, y0, x1, y1 = int(bx), int(by), int(bx + bw), int(by + bh)
-    mid_x, mid_y = (x0 + x1) * 0.5, (y0 + y1) * 0.5
-    side = max(x1 - x0, y1 - y0) * scale
-    cx0 = max(0, int(mid_x - side * 0.5))
-    cy0 = max(0, int(mid_y - side * 0.5))
-    cx1 = min(img_w, int(mid_x + side * 0.5))
-    cy1 = min(img_h, int(mid_y + side * 0.5))
-    if cx1 <= cx0 or cy1 <= cy0:
-        raise ValueError(
-            f"box {bbox_xywh!r} gives an empty context crop {(cx0, cy0, cx1, cy1)} in an image "
-            f"of {img_h} x {img_w} (sub-pixel after truncation, or outside the image)"
-        )
-    return cx0, cy0, cx1, cy1
-
-
 # ----------------------------------------------------------------------------- targets
 
 
@@ -366,13 +368,16 @@ class PreparedTarget:
     orig_hw: tuple[int, int]
 
 
-def prepare_target(image: np.ndarray, size: int, mode: ResizeMode = "square") -> PreparedTarget:
-    """Resize an (H, W, 3) uint8 RGB image to the SAM2 input square (PIL bicubic).
+def prepare_target(
+    image: np.ndarray | Image.Image, size: int, mode: ResizeMode = "square"
+) -> PreparedTarget:
+    """Resize an (H, W, 3) uint8 RGB image (or an RGB PIL image: the same result without an
+    array copy) to the SAM2 input square (PIL bicubic).
 
     ``square`` stretches to size x size (the paper); ``longest-side`` keeps the aspect
     ratio and pads bottom/right with zeros (SAM2's predictor).
     """
-    orig = (int(image.shape[0]), int(image.shape[1]))
+    orig = _shape(image)[:2]
     if mode == "square":
         return PreparedTarget(resize_square(image, size), (size, size), orig)
     square, valid = resize_longest_side(image, size)

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import numpy as np
-from refseg.core.imaging import decode_image, prepare_target
+from refseg.core.imaging import decode_target
 from refseg.pipeline.schema import Col
 
 __all__ = ["decode_batch", "error_text"]
@@ -37,8 +37,9 @@ def decode_batch(batch: Batch, *, size: int, resize: str, max_pixels: int) -> Ba
             if fetch_error:
                 raise ValueError(str(fetch_error))
             data = batch[Col.BYTES][i]
-            img = decode_image(bytes(data), uri=uri, max_pixels=max_pixels)
-            prep = prepare_target(img, size, resize)  # type: ignore[arg-type]
+            data = data if isinstance(data, bytes | bytearray | memoryview) else bytes(data)
+            # decoded pixels go from PIL to the square: no full-size array (issue 18)
+            prep = decode_target(data, size, resize, uri=uri, max_pixels=max_pixels)  # type: ignore[arg-type]
             squares[i] = prep.square
             vals = (*prep.valid_hw, *prep.orig_hw, "ok", "")
         except Exception as exc:
