@@ -49,6 +49,7 @@ def run_categories(out: Location) -> dict[int, str]:
 
 def _by_part(rows: pa.Table) -> list[tuple[str, pa.Table]]:
     """The rows of each part, parts by name, rows in their order within the part."""
+    rows = rows.combine_chunks()  # a take per part must not concatenate the chunks each time
     return [(p, rows.take(pa.array(at))) for p, at in index.row_groups(rows).items()]
 
 

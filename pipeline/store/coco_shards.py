@@ -111,10 +111,6 @@ def _write_shard(
     return {"file": name, "stamp": list(stamp), "images": n_images, "annotations": n_ann}
 
 
-def _by_part(rows: pa.Table) -> dict[str, pa.Table]:
-    return {p: rows.take(pa.array(at)) for p, at in index.row_groups(rows).items()}
-
-
 def update_shards(
     out: Location,
     categories: list[dict[str, Any]],
@@ -133,11 +129,12 @@ def update_shards(
     }
     todo = sorted(p for p in snapshot.listed if p not in shards)
     if todo:
-        rows = snapshot.rows.filter(pc.is_in(snapshot.rows.column(index.PART), pa.array(todo)))
-        parts = _by_part(rows)
+        rows = snapshot.rows.combine_chunks()  # a take per part must not concatenate chunks
+        at = index.row_groups(rows)  # positions only: a part's rows taken when written
 
         def one(p: str) -> tuple[str, dict[str, Any]]:
-            return p, _write_shard(out, p, snapshot.listed[p], parts[p], categories)
+            images = rows.take(pa.array(at[p]))
+            return p, _write_shard(out, p, snapshot.listed[p], images, categories)
 
         shards.update(map_bounded(one, todo, threads=threads))
     body = {"format": _FORMAT, "version": 1, "categories": categories, "shards": shards}

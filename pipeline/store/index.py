@@ -232,6 +232,7 @@ def load(out: Location, *, threads: int = READ_THREADS) -> Snapshot:
         gone = set(fresh) - set(read)
         listed = {p: s for p, s in listed.items() if p not in gone}
     rows = pa.concat_tables(tables) if tables else ROWS_SCHEMA.empty_table()
+    rows = rows.combine_chunks()  # one chunk: a take per part must not concatenate them
     return Snapshot(out, rows, listed, covered, read, pointer)
 
 
