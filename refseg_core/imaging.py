@@ -19,20 +19,23 @@ never changed here, so decoding is safe to call from many threads.
 
 from __future__ import annotations
 
-import functools
 import io
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
 from refseg.core.config import ResizeMode
 from refseg.core.crops import context_crop_box
-
-if TYPE_CHECKING:  # torch is imported only where tensors are made (refseg.core.tensors)
-    import torch
+from refseg.core.resizing import (
+    PreparedTarget,
+    ResizeInfo,
+    longest_side_hw,
+    prepare_target,
+    resize_image,
+    resize_longest_side,
+    resize_square,
+)
 
 __all__ = [
     "DEFAULT_FORMATS",
@@ -42,6 +45,7 @@ __all__ = [
     "context_crop_box",
     "decode_image",
     "decode_target",
+    "decode_thumbnail",
     "longest_side_hw",
     "prepare_target",
     "resize_image",
@@ -57,7 +61,6 @@ DEFAULT_FORMATS: tuple[str, ...] = (
 
 _EXIF_ORIENTATION = 0x0112
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
-_BICUBIC = Image.Resampling.BICUBIC
 
 
 class ImageDecodeError(ValueError):
@@ -122,7 +125,10 @@ def decode_image(
             above ``max_pixels``, or a pixel mode that cannot become RGB.
         TypeError: ``data`` is not bytes-like (e.g. a path).
     """
-    finish = functools.partial(_to_rgb_array, uri=uri)
+
+    def finish(img: Image.Image, _: tuple[int, int]) -> np.ndarray:
+        return _to_rgb_array(img, uri)
+
     return _decode(data, uri, max_pixels, apply_exif_orientation, formats, finish)
 
 
@@ -141,11 +147,39 @@ def decode_target(
     copy, no second PIL image made from it), and an EXIF rotation replaces the decoded
     image instead of adding a rotated copy beside it. Arguments and errors as
     ``decode_image``."""
-    finish = functools.partial(_target, size=size, mode=mode, uri=uri)
+
+    def finish(img: Image.Image, _: tuple[int, int]) -> PreparedTarget:
+        return _target(img, size, mode, uri)
+
     return _decode(data, uri, max_pixels, apply_exif_orientation, formats, finish)
 
 
-def _decode(data, uri, max_pixels, apply_exif_orientation, formats, finish):  # type: ignore[no-untyped-def]
+def decode_thumbnail(
+    data: bytes | bytearray | memoryview, side: int, *, uri: str = "<bytes>", **kw: int
+) -> tuple[np.ndarray, float]:
+    """A picture of the image for people (reports), long side at most ``side`` px.
+
+    JPEGs decode at a reduced scale (libjpeg's draft mode), so a 48 MP photo never exists
+    at full size; the pixels differ slightly from resizing the full decode. EXIF-oriented;
+    ``max_pixels`` (keyword) and errors as ``decode_image``.
+
+    Returns:
+        ``(thumb, scale)``: (h, w, 3) uint8 and thumbnail pixels per original pixel (of the
+        EXIF-oriented image, the frame masks and boxes refer to).
+    """
+
+    def finish(img: Image.Image, orig_hw: tuple[int, int]) -> tuple[np.ndarray, float]:
+        deep = img.mode in _SIXTEEN_BIT_MODES or img.mode in ("I", "F")
+        rgb = Image.fromarray(_to_rgb_array(img, uri)) if deep else _rgb(img, uri)
+        s = min(1.0, side / max(orig_hw))
+        h, w = (max(1, round(v * s)) for v in orig_hw)
+        return np.asarray(rgb.resize((w, h), Image.Resampling.BILINEAR)), s
+
+    max_pixels = kw.get("max_pixels", 178_956_970)
+    return _decode(data, uri, max_pixels, True, DEFAULT_FORMATS, finish, draft=side)
+
+
+def _decode(data, uri, max_pixels, apply_exif_orientation, formats, finish, draft=None):  # type: ignore[no-untyped-def]
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(
             f"decode_image takes the encoded bytes of {uri!r}, got {type(data).__name__}; "
@@ -159,10 +193,13 @@ def _decode(data, uri, max_pixels, apply_exif_orientation, formats, finish):  # 
     try:
         with Image.open(io.BytesIO(data), formats=allowed) as img:
             _check_size(img.size, max_pixels, uri)
+            orig_hw = (img.height, img.width)
+            if draft:  # JPEG: decode at the smallest DCT scale still >= draft px
+                img.draft("RGB", (draft, draft))
             _load(img, uri)
-            if apply_exif_orientation:
-                _orient(img, uri)
-            return finish(img)
+            if apply_exif_orientation and _orient(img, uri):
+                orig_hw = orig_hw[::-1]
+            return finish(img, orig_hw)
     except ImageDecodeError:
         raise
     except Image.UnidentifiedImageError:
@@ -216,11 +253,14 @@ def _load(img: Image.Image, uri: str) -> None:
         raise
 
 
-def _orient(img: Image.Image, uri: str) -> None:
-    """Rotate/flip ``img`` in place per its EXIF orientation (the old pixels are freed)."""
+def _orient(img: Image.Image, uri: str) -> bool:
+    """Rotate/flip ``img`` in place per its EXIF orientation (the old pixels are freed);
+    True where height and width swapped."""
     try:
-        if img.getexif().get(_EXIF_ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8):
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+        if orientation in (2, 3, 4, 5, 6, 7, 8):
             ImageOps.exif_transpose(img, in_place=True)
+        return orientation in (5, 6, 7, 8)
     except Exception as exc:
         raise ImageDecodeError(
             uri,
@@ -259,126 +299,3 @@ def _rgb(img: Image.Image, uri: str) -> Image.Image:
             f"pixel mode {img.mode!r} cannot be converted to RGB ({_said(exc)})",
             _HINT_REENCODE,
         ) from exc
-
-
-# ----------------------------------------------------------------------------- resizing
-
-
-def _shape(img: np.ndarray | Image.Image) -> tuple[int, ...]:
-    """(H, W[, C]) of an array or of a PIL image (C = 3 for RGB)."""
-    if isinstance(img, Image.Image):
-        return (img.height, img.width, *((len(img.getbands()),) if img.mode != "L" else ()))
-    return tuple(int(v) for v in img.shape)
-
-
-def _pil_resize(img: np.ndarray | Image.Image, hw: tuple[int, int]) -> np.ndarray:
-    if isinstance(img, Image.Image):  # resized from PIL's pixels, no array copy first
-        return np.array(img.resize((hw[1], hw[0]), _BICUBIC))
-    if img.dtype != np.uint8 or img.ndim not in (2, 3) or 0 in img.shape[:2]:
-        raise ValueError(
-            f"expected a non-empty (H, W[, C]) uint8 image, got {img.dtype} {img.shape}"
-        )
-    out = Image.fromarray(np.ascontiguousarray(img)).resize((hw[1], hw[0]), _BICUBIC)
-    return np.array(out)
-
-
-def resize_square(img: np.ndarray | Image.Image, size: int) -> np.ndarray:
-    """PIL-bicubic resize of an (H, W[, 3]) uint8 image to (size, size[, 3]).
-
-    The aspect ratio is not kept: the paper's default for SAM2 targets.
-    """
-    if size < 1:
-        raise ValueError(f"size must be >= 1, got {size}")
-    return _pil_resize(img, (size, size))
-
-
-def longest_side_hw(hw: tuple[int, int], size: int) -> tuple[int, int]:
-    """(h, w) of an image scaled so its longest side is ``size``, rounded half up, >= 1."""
-    h, w = hw
-    scale = size / max(h, w)
-    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
-
-
-def resize_longest_side(
-    img: np.ndarray | Image.Image, size: int
-) -> tuple[np.ndarray, tuple[int, int]]:
-    """PIL-bicubic resize keeping the aspect ratio, padded with zeros at bottom/right.
-
-    Returns:
-        ``(square, (h, w))``: the (size, size[, 3]) uint8 array and the (h, w) of the image
-        inside it, at its top-left corner (the SAM predictor's layout).
-    """
-    if size < 1:
-        raise ValueError(f"size must be >= 1, got {size}")
-    shape = _shape(img)
-    vh, vw = longest_side_hw(shape[:2], size)
-    resized = _pil_resize(img, (vh, vw))
-    square = np.zeros((size, size, *shape[2:]), dtype=np.uint8)
-    square[:vh, :vw] = resized
-    return square, (vh, vw)
-
-
-@dataclass(frozen=True)
-class ResizeInfo:
-    """How an original image was put into a ``size`` x ``size`` model input.
-
-    ``orig_hw``: the original (H, W). ``mode``: ``"square"`` (stretched, valid_hw ==
-    (size, size)) or ``"longest-side"`` (image at the top-left, zero padding elsewhere).
-    ``valid_hw``: the (h, w) of the image inside the input square.
-    """
-
-    orig_hw: tuple[int, int]
-    size: int
-    mode: ResizeMode
-    valid_hw: tuple[int, int]
-
-    def to_input_xy(self, xy: torch.Tensor) -> torch.Tensor:
-        """(..., 2) continuous (x, y) in original pixels -> input-square pixels."""
-        sx = self.valid_hw[1] / self.orig_hw[1]
-        sy = self.valid_hw[0] / self.orig_hw[0]
-        return xy * xy.new_tensor([sx, sy])
-
-    def to_original_xy(self, xy: torch.Tensor) -> torch.Tensor:
-        """(..., 2) continuous (x, y) in input-square pixels -> original pixels."""
-        sx = self.orig_hw[1] / self.valid_hw[1]
-        sy = self.orig_hw[0] / self.valid_hw[0]
-        return xy * xy.new_tensor([sx, sy])
-
-
-def resize_image(img: np.ndarray, size: int, mode: ResizeMode) -> tuple[np.ndarray, ResizeInfo]:
-    """Resize an (H, W, 3) uint8 image into the (size, size, 3) model input per ``mode``."""
-    orig = (int(img.shape[0]), int(img.shape[1]))
-    if mode == "square":
-        return resize_square(img, size), ResizeInfo(orig, size, mode, (size, size))
-    if mode == "longest-side":
-        square, valid = resize_longest_side(img, size)
-        return square, ResizeInfo(orig, size, mode, valid)
-    raise ValueError(f"resize mode must be 'square' or 'longest-side', got {mode!r}")
-
-
-# ----------------------------------------------------------------------------- targets
-
-
-@dataclass(frozen=True)
-class PreparedTarget:
-    """A target resized for SAM2: (S, S, 3) uint8 square plus where the image lies in it."""
-
-    square: np.ndarray
-    valid_hw: tuple[int, int]
-    orig_hw: tuple[int, int]
-
-
-def prepare_target(
-    image: np.ndarray | Image.Image, size: int, mode: ResizeMode = "square"
-) -> PreparedTarget:
-    """Resize an (H, W, 3) uint8 RGB image (or an RGB PIL image: the same result without an
-    array copy) to the SAM2 input square (PIL bicubic).
-
-    ``square`` stretches to size x size (the paper); ``longest-side`` keeps the aspect
-    ratio and pads bottom/right with zeros (SAM2's predictor).
-    """
-    orig = _shape(image)[:2]
-    if mode == "square":
-        return PreparedTarget(resize_square(image, size), (size, size), orig)
-    square, valid = resize_longest_side(image, size)
-    return PreparedTarget(square, (int(valid[0]), int(valid[1])), orig)

@@ -117,7 +117,7 @@ def encode_window(
 
 def decode_rle(rle: Mapping[str, Any]) -> np.ndarray:
     """Decode one RLE (compressed str/bytes counts or uncompressed list) to ``(H, W)`` bool."""
-    return mask_utils.decode(_compressed(rle)).astype(bool)
+    return mask_utils.decode(_compressed(rle)).view(bool)  # 0/1 bytes: a view, no copy
 
 
 def rle_area(rles: Sequence[Mapping[str, Any]]) -> np.ndarray:

@@ -129,3 +129,72 @@ def test_large_images_bench_quick(tmp_path):
     for path in ("today", "new"):
         assert 0 < row[f"{path}_s"] < 600 and row[f"{path}_peak_mib"] >= 0
     assert row["speed-up"] == pytest.approx(row["today_s"] / row["new_s"])
+
+
+def _exif_jpeg(arr: np.ndarray, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _encode(Image.fromarray(arr), "JPEG", quality=90, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_thumbnail_of_a_large_jpeg_is_decoded_small(orientation, monkeypatch):
+    from refseg.core.imaging import decode_thumbnail
+
+    big = np.repeat(np.repeat(_photo(75, 100), 32, axis=0), 32, axis=1)  # 2400 x 3200
+    data = _exif_jpeg(big, orientation)
+    loaded = []
+    real_load = Image.Image.load
+
+    def load(self):
+        loaded.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(Image.Image, "load", load)
+    thumb, scale = decode_thumbnail(data, 512)
+    rotated = orientation == 6
+    assert thumb.shape == ((512, 384, 3) if rotated else (384, 512, 3))
+    assert scale == pytest.approx(512 / 3200)
+    assert max(max(s) for s in loaded) <= 1600  # libjpeg's draft: never 3200 px wide
+    full = prepare_target(decode_image(data), 512, "longest-side").square
+    want = full[: thumb.shape[0], : thumb.shape[1]].astype(int)
+    assert np.abs(thumb.astype(int) - want).mean() < 8  # the same picture, near enough
+
+
+def test_report_tile_embeds_a_thumbnail_not_the_image(tmp_path, monkeypatch):
+    import base64
+
+    from refseg.jobs.report_data import THUMB_SIDE, ImageRow
+    from refseg.jobs.report_render import TileInput, render_tile
+
+    path = tmp_path / "big.jpg"
+    big = np.repeat(np.repeat(_photo(75, 100), 32, axis=0), 32, axis=1)
+    path.write_bytes(_encode(Image.fromarray(big), "JPEG", quality=90))
+    mask = np.zeros((2400, 3200), bool)
+    mask[600:1800, 800:2400] = True
+    from refseg.core import rle as rle_ops
+
+    inst = {
+        "segmentation": rle_ops.encode_masks(mask[None])[0],
+        "bbox": [800.0, 600.0, 1600.0, 1200.0],
+        "category_id": 1,
+        "category_name": "thing",
+        "score": 0.9,
+    }
+    row = ImageRow(1, str(path), 3200, 2400)
+    loaded = []
+    real_load = Image.Image.load
+
+    def load(self):
+        loaded.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(Image.Image, "load", load)
+    html = render_tile(TileInput(row, [inst], 10))
+    assert loaded and max(max(s) for s in loaded) <= 1600  # the photo is never decoded whole
+    (uri,) = [p.split('"')[0] for p in html.split('src="')[1:]]
+    img = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert max(img.size) <= THUMB_SIDE and len(uri) < 200_000
+    pixels = np.asarray(img).astype(int)
+    inside, outside = pixels[200, 256], pixels[20, 20]  # the mask is drawn on the thumbnail
+    assert np.abs(inside - outside).sum() > 30
