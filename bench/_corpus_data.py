@@ -92,18 +92,20 @@ def _tables(listing: Listing, rows: np.ndarray) -> tuple[pa.Table, pa.Table]:
     return images, instances
 
 
-def generate(out: Location, listing: Listing, first: int, n: int, *, threads: int) -> int:
-    """Write images ``first .. first + n`` of ``listing`` as finished parts of PER_PART
+def generate(
+    out: Location, listing: Listing, first: int, n: int, *, threads: int, per_part: int = PER_PART
+) -> int:
+    """Write images ``first .. first + n`` of ``listing`` as finished parts of ``per_part``
     images (instances part, then images part); return the number of parts."""
 
     def one(start: int) -> None:
-        rows = np.arange(start, min(start + PER_PART, first + n))
+        rows = np.arange(start, min(start + per_part, first + n))
         images, instances = _tables(listing, rows)
         name = f"part-{part_key(listing.ids[rows])}.parquet"
         write_table(out.child(INSTANCES_DIR, name), instances)
         write_table(out.child(IMAGES_DIR, name), images)
 
-    starts = range(first, first + n, PER_PART)
+    starts = range(first, first + n, per_part)
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(one, starts))
     return len(starts)

@@ -87,8 +87,17 @@ def location(uri: str, endpoint: str | None) -> Location:
 
 
 def files(out: Location) -> dict[str, tuple[int, int]]:
-    """Every file under OUT: path -> (size, mtime ns)."""
-    infos = out.fs.get_file_info(pafs.FileSelector(out.path, recursive=True, allow_not_found=True))
+    """Every file under OUT: path -> (size, mtime ns). (The measurement's own listing, not
+    counted; retried, as a loaded moto server can time out on a listing of many objects.)"""
+    selector = pafs.FileSelector(out.path, recursive=True, allow_not_found=True)
+    for attempt in range(5):
+        try:
+            infos = pafs.FileSystem.get_file_info(out.fs, selector)
+            break
+        except OSError:
+            if attempt == 4:
+                raise
+            time.sleep(5)
     return {i.path: (i.size, i.mtime_ns or 0) for i in infos if i.type == pafs.FileType.File}
 
 

@@ -17,6 +17,7 @@ requests): it is not part of the figures.
 
     python bench/corpus_scale.py --quick            # smoke: N = 2,000, 100 new
     python bench/corpus_scale.py                    # N = 10k, 100k, 1M; 1,000 new
+    python bench/corpus_scale.py --steady           # nightly reruns only, from the steady layout
 
 Figures: bookkeeping seconds (plan + settle + coco + record), driver peak RSS, MB and
 objects read and written, and on S3 the requests moto logged during those steps.
@@ -41,9 +42,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from refseg.pipeline.storage import Location, resolve
+from refseg.pipeline.store.compaction import COMPACT_ROWS
 
 from bench._common import ROOT, loadavg, save_result, table
-from bench._corpus_data import generate, listing_of
+from bench._corpus_data import PER_PART, generate, listing_of
 
 STEPS = ("plan", "settle", "coco", "record")
 _LINE = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP')
@@ -141,7 +143,9 @@ def _row(store: str, n: int, phase: str, m: dict, requests: dict | None) -> dict
     return row
 
 
-def run_store(store: str, sizes: list[int], new: int, work: Path, moto: Moto | None) -> list:
+def run_store(
+    store: str, sizes: list[int], new: int, work: Path, moto: Moto | None, steady: bool = False
+) -> list:
     rows = []
     for n in sizes:
         if moto is not None:
@@ -152,13 +156,17 @@ def run_store(store: str, sizes: list[int], new: int, work: Path, moto: Moto | N
             uri, endpoint = str(work / f"out-{n}"), None
         out: Location = resolve(uri, s3_endpoint=endpoint)
         t0 = time.perf_counter()
-        parts = generate(out, listing_of(n), 0, n, threads=32 if moto else 4)
+        per_part = COMPACT_ROWS if steady else PER_PART
+        parts = generate(out, listing_of(n), 0, n, threads=32 if moto else 4, per_part=per_part)
         print(f"[{store}] N={n}: {parts} parts generated in {time.perf_counter() - t0:.0f} s")
         if moto:
             moto.requests("/")  # generation's requests are not counted
         done = n
-        for phase, compact in (("first", False), ("compact", True), ("nightly", False),
-                               ("nightly", False)):  # fmt: skip
+        phases = [("first", False), ("compact", True)]
+        if steady:  # parts as compaction leaves them; index and shards built, not measured
+            _measure(uri, endpoint, done, 0, True)
+            phases = []
+        for phase, compact in [*phases, ("nightly", False), ("nightly", False)]:
             m = _measure(uri, endpoint, done, new, compact)
             req = moto.requests(f"/{uri.split('/')[2]}") if moto else None
             row = _row(store, done, phase, m, req)
@@ -179,6 +187,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--stores", default="local,s3", help="local, s3 (moto) or both")
     ap.add_argument("--s3-sizes", default=None, help="N for S3 (default: --sizes)")
     ap.add_argument("--quick", action="store_true", help="N = 2,000 and 100 new: a smoke run")
+    ap.add_argument(
+        "--steady", action="store_true",
+        help="start from OUT as compaction leaves it (parts of COMPACT_ROWS images, index and "
+        "shards built unmeasured) and measure the nightly reruns only",
+    )  # fmt: skip
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--out-dir", default=None, help="where to write corpus_scale*.json")
     ap.add_argument("--name", default=None, help="result name (default corpus_scale[_quick])")
@@ -195,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for store in args.stores.split(","):
         moto = Moto(work) if store == "s3" else None
         try:
-            rows += run_store(store, s3_sizes if moto else sizes, new, work, moto)
+            rows += run_store(store, s3_sizes if moto else sizes, new, work, moto, args.steady)
         finally:
             if moto:
                 moto.stop()

@@ -62,6 +62,7 @@ __all__ = [
     "ids_by_part",
     "load",
     "row_groups",
+    "unique_ids",
     "read_pointer",
     "update_index",
 ]
@@ -234,6 +235,13 @@ def load(out: Location, *, threads: int = READ_THREADS) -> Snapshot:
     rows = pa.concat_tables(tables) if tables else ROWS_SCHEMA.empty_table()
     rows = rows.combine_chunks()  # one chunk: a take per part must not concatenate them
     return Snapshot(out, rows, listed, covered, read, pointer)
+
+
+def unique_ids(ids: np.ndarray) -> np.ndarray:
+    """Sorted distinct int64 ids (a sort: numpy's hash-based ``unique`` is ~50x slower at
+    a million ids)."""
+    s = np.sort(np.asarray(ids, dtype=np.int64))
+    return s[np.r_[True, s[1:] != s[:-1]]] if len(s) else s
 
 
 def row_groups(rows: pa.Table) -> dict[str, np.ndarray]:

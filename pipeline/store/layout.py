@@ -168,7 +168,7 @@ def done_image_ids(out: Location) -> np.ndarray:
     store/index.py: a few objects plus the parts written since it was updated)."""
     from refseg.pipeline.store import index
 
-    return np.unique(index.load(out).ids)
+    return index.unique_ids(index.load(out).ids)
 
 
 def iter_tables(out: Location, kind: str, columns: list[str] | None = None) -> Iterator[pa.Table]:

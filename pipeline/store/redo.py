@@ -94,7 +94,10 @@ def _match(rows: pa.Table, listing: Listing, by_id: bool) -> np.ndarray:
     if len(listing):
         order = np.argsort(listing.ids, kind="stable")
         sorted_ids = listing.ids[order]
-        pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+        queries = np.argsort(ids)  # sorted queries: a search in order, not at random
+        pos = np.empty(len(ids), np.int64)
+        pos[queries] = np.searchsorted(sorted_ids, ids[queries])
+        pos = np.minimum(pos, len(sorted_ids) - 1)
         hit = sorted_ids[pos] == ids
         k[hit] = order[pos[hit]]
     if by_id:
@@ -172,7 +175,7 @@ def plan_rerun(
     retire(out, drop)
     return Plan(
         dataclasses.replace(listing, ids=ids),
-        np.unique(row_ids[keep[~redo]]),
+        index.unique_ids(row_ids[keep[~redo]]),
         int(changed.sum()),
         int(retried.sum()),
         len(dupes),
@@ -255,7 +258,7 @@ def settle(out: Location, *, compact: bool = True) -> int:
     snap = index.load(out)
     ids = snap.ids
     drop: dict[str, set[int]] = defaultdict(set)
-    if len(np.unique(ids)) < len(ids):
+    if len(index.unique_ids(ids)) < len(ids):
         first: dict[int, str] = {}
         for part, at in index.row_groups(snap.rows).items():  # the first part by name keeps it
             for iid in ids[at].tolist():
