@@ -38,6 +38,9 @@ from typing import Any
 
 TAGS = {"ProposalStage": "propose", "MatchStage": "match"}
 HOLD_LIMIT_S = 900.0  # a held call gives up (and fails its job) after this: a test bug
+# How long a test waits for what must come (a held call, the parts before it): a safety net
+# only, under pytest's 600 s per test (a busy 2-core machine took 4 min to start actors).
+WAIT_S = 500.0
 ENV_DIR, ENV_LOG, ENV_HOLDS = "REFSEG_TEST_GATE", "REFSEG_TEST_GATE_LOG", "REFSEG_TEST_GATE_HOLDS"
 
 # ------------------------------------------------------------------------ worker side
@@ -210,7 +213,7 @@ class StageGate:
             for name, call in saved.items():
                 getattr(stages, name).__call__ = call
 
-    def wait_held(self, tag: str, *, proc: Any = None, timeout: float = 300) -> int:
+    def wait_held(self, tag: str, *, proc: Any = None, timeout: float = WAIT_S) -> int:
         """Wait until the held ``tag`` call has begun; its pid. ``timeout`` is a safety net
         (the call comes in bounded time); the job ``proc`` (see :func:`running`) ending
         first fails at once."""

@@ -21,7 +21,7 @@ import pytest
 from refseg.pipeline.job import run_label
 
 from tests.faults_util import image_ids, make_job, read_parts, start_driver, write_jpegs
-from tests.stage_gate import StageGate
+from tests.stage_gate import WAIT_S, StageGate
 
 N_IMAGES = 8
 
@@ -83,7 +83,7 @@ def test_killed_proposal_and_match_actors_redo_only_what_they_had_begun(
     proc = start_driver(tiny_setup["bank"], images, out, gate.env(), tmp_path / "d.log")
     try:
         killed = {s: gate.kill_held(s, proc=proc) for s in ("propose", "match")}
-        rc = proc.wait(timeout=300)
+        rc = proc.wait(timeout=WAIT_S)
     finally:
         gate.release("propose")
         gate.release("match")

@@ -38,7 +38,7 @@ from tests.faults_util import (
     wait_until,
     write_jpegs,
 )
-from tests.stage_gate import StageGate
+from tests.stage_gate import WAIT_S, StageGate
 
 pytestmark = pytest.mark.slow
 
@@ -91,7 +91,7 @@ def test_worker_node_killed_mid_job_finishes_with_every_image_once(
     raylet = {w: w.all_processes["raylet"][0].process.pid for w in workers}
     try:
         held = gate.wait_held("propose", proc=proc)
-        wait_until(lambda: parts() >= HOLD - 1, timeout=300, what="the first block", proc=proc)
+        wait_until(lambda: parts() >= HOLD - 1, timeout=WAIT_S, what="the first block", proc=proc)
         (victim,) = [w for w in workers if held in descendants(raylet[w])]
         victim_workers = descendants(raylet[victim])
         done_at_kill = parts()
@@ -141,7 +141,7 @@ def test_driver_killed_mid_job_rerun_resumes_and_redoes_only_work_in_flight(
     try:
         gates[0].wait_held("propose", proc=proc)
         parts = lambda: len(part_names(out / "images"))  # noqa: E731
-        wait_until(lambda: parts() >= HOLD - 1, timeout=300, what="the first block", proc=proc)
+        wait_until(lambda: parts() >= HOLD - 1, timeout=WAIT_S, what="the first block", proc=proc)
     finally:
         kill_tree(proc.pid)  # the driver, its raylet and every Ray worker: nothing survives
         proc.wait()

@@ -33,7 +33,7 @@ from tests.faults_util import (
     wait_until,
     write_jpegs,
 )
-from tests.stage_gate import StageGate
+from tests.stage_gate import WAIT_S, StageGate
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -140,6 +140,7 @@ class Outage:
     ):
         self.moto, self.s3, self.bucket, self.gate, self.until = moto, s3, bucket, gate, until
         self.began = self.ended = False
+        self.error: BaseException | None = None  # why it never began, if it did not
         self.parts_at_start: int | None = None
         self.job_done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -151,16 +152,25 @@ class Outage:
 
     def _run(self) -> None:
         try:
+            self._begin()
+        except BaseException as exc:  # reported by the test (a thread's error is lost)
+            self.error = exc
+            return
+        if self.until is not None:
+            wait_until(self.until, timeout=WAIT_S, what="the end of the outage", proc=self.job_done)
+            self.end()
+
+    def _begin(self) -> None:
+        try:
             self.gate.wait_held("propose", proc=self.job_done)
-            wait_until(lambda: self.parts() >= ROWS_PER_TASK, timeout=300, what="the first block")
+            wait_until(
+                lambda: self.parts() >= ROWS_PER_TASK, timeout=WAIT_S, what="the first block"
+            )
             self.parts_at_start = self.parts()
             self.moto.pause()
             self.began = True
         finally:
             self.gate.release("propose")  # the job goes on (into the outage, if it began)
-        if self.until is not None:
-            wait_until(self.until, timeout=600, what="the end of the outage", proc=self.job_done)
-            self.end()
 
     def end(self) -> None:
         self.job_done.set()
@@ -208,7 +218,7 @@ def test_outage_longer_than_the_retries_fails_clearly_then_rerun_resumes(
                 run_label(job)
         finally:
             outage.end()
-    assert outage.began, "the outage did not begin"
+    assert outage.began, f"the outage did not begin: {outage.error!r}"
     message = str(info.value)
     assert message.startswith("the labelling job stopped: OSError: ")
     assert BUCKET in message and "AWS Error NETWORK_CONNECTION" in message
@@ -240,7 +250,7 @@ def test_outage_shorter_than_the_retries_is_ridden_out(tiny_setup, tmp_path, mot
             summary = run_label(job)
         finally:
             outage.end()
-    assert outage.began and outage.ended
+    assert outage.began and outage.ended, f"the outage did not begin: {outage.error!r}"
     ids = image_ids(f"s3://{bucket}/run", s3_endpoint=moto.url)
     assert len(ids) == len(set(ids)) == n and (summary.images, summary.ok) == (n, n)
     retries = _retry_log_lines(bucket)

@@ -23,7 +23,7 @@ from refseg.pipeline.storage import resolve
 
 from tests.conftest import write_images
 from tests.faults_util import ROWS_PER_TASK, kill_tree, start_driver, wait_until
-from tests.stage_gate import StageGate
+from tests.stage_gate import WAIT_S, StageGate
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 SETTINGS = PipelineSettings(write_batch_size=2, proposal_batch_size=2, match_batch_size=2)
@@ -239,7 +239,7 @@ def test_driver_killed_mid_job_then_rerun_completes_exactly_once(tiny_setup, tmp
     try:
         gate.wait_held("propose", proc=proc)
         parts = lambda: len(list((out / "images").glob("part-*.parquet")))  # noqa: E731
-        wait_until(lambda: parts() >= ROWS_PER_TASK, timeout=240, what="the first block")
+        wait_until(lambda: parts() >= ROWS_PER_TASK, timeout=WAIT_S, what="the first block")
     finally:
         kill_tree(proc.pid)  # the driver, its Ray and the held actor
         proc.wait()

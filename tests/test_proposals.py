@@ -135,20 +135,3 @@ def test_normalisation_constants_are_sam2s_own():
 
     t = SAM2Transforms(resolution=64, mask_threshold=0.0)
     assert list(SAM2_MEAN) == list(t.mean) and list(SAM2_STD) == list(t.std)
-
-
-def test_compile_option_wraps_the_heavy_modules():
-    """``ModelConfig.compile`` hands SAM2's encoder/decoder and DINOv2's blocks to torch.compile
-    (compiled lazily at the first call; bench/gpu.py's fp32-compile checks the results)."""
-    from refseg.core.factory import build_encoder
-
-    preset = get_preset("tiny")
-    model = replace(preset.model, random_weights=True, compile=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sam = build_proposer(model, preset.method).model
-        vit = build_encoder(model, preset.method).model
-    for module in (sam.image_encoder, sam.sam_mask_decoder.transformer, vit.blocks):
-        assert type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod")
-    plain = build_proposer(replace(model, compile=False), preset.method).model
-    assert type(plain.image_encoder).__name__ != "OptimizedModule"

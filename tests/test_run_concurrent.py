@@ -25,7 +25,7 @@ from tests.faults_util import (
     wait_until,
     write_jpegs,
 )
-from tests.stage_gate import StageGate
+from tests.stage_gate import WAIT_S, StageGate
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -41,7 +41,7 @@ def test_a_second_run_on_an_out_in_use_is_refused_and_deletes_nothing(tiny_setup
         gate.wait_held("propose", proc=proc)
         wait_until(
             lambda: len(part_names(out / "images")) >= ROWS_PER_TASK,
-            timeout=240,
+            timeout=WAIT_S,
             what="the first run's first block",
             proc=proc,
         )
@@ -52,7 +52,7 @@ def test_a_second_run_on_an_out_in_use_is_refused_and_deletes_nothing(tiny_setup
         after = part_names(out / "instances") | part_names(out / "images")
         assert before <= after  # nothing of the first run deleted
         gate.release("propose")
-        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+        assert proc.wait(timeout=WAIT_S) == 0, log.read_text()[-3000:]
     finally:
         gate.release("propose")
         if proc.poll() is None:
