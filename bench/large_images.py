@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                 hw = [int(v) for v in size.lower().split("x")]
                 for k in args.survivors:
                     rows.append(_measure(args, kind, hw, k, speckle_file))
+                    partial = {"rows": rows, "partial": True, "machine": machine}
+                    _common.save_result(args.name, partial, args.out_dir)  # kept if cut short
     print(_common.table(rows))
     print(f"\nload {_common.loadavg()}")
     payload = {"merge": args.merge, "threads": args.threads, "rows": rows, "machine": machine}

@@ -303,7 +303,7 @@ class FullResolution:
         sure_fg = (ta >= _TINY) & (tb >= _TINY)
         unsure = ~sure_fg & ((ta > 0) | (tb > 0))
         n_run, width, length = ta.shape[0], ta.shape[1], int(counts.max())
-        if int(unsure.sum()) * length > UNSURE_SHARE * n_run * length * width:
+        if int(torch.count_nonzero(unsure)) * length > UNSURE_SHARE * n_run * length * width:
             return self._rows_positive(temp, a, win)  # speckles: every pixel, in float64
         # (R, L, w): run r's output rows, padded to the longest run
         padded = sure_fg[:, None, :].expand(n_run, length, width).clone()

@@ -62,8 +62,9 @@ def masks_to_boxes(masks: torch.Tensor, *, inclusive: bool = False) -> torch.Ten
     n = masks.shape[0]
     if n == 0:
         return torch.zeros((0, 4), dtype=torch.float32, device=masks.device)
-    rows = masks.any(dim=2)  # (N, H)
-    cols = masks.any(dim=1)  # (N, W)
+    flags = masks.view(torch.uint8) if masks.dtype == torch.bool else masks
+    rows = flags.amax(dim=2) > 0  # (N, H); uint8 amax: many times faster than bool any
+    cols = flags.amax(dim=1) > 0  # (N, W)
     h, w = masks.shape[1:]
     ar_h = torch.arange(h, device=masks.device)
     ar_w = torch.arange(w, device=masks.device)

@@ -97,10 +97,21 @@ def window_overlaps(
                 buf[j, piece.y0 - rows[0] : piece.y1 - rows[0], piece.x0 - c0 : piece.x1 - c0] = m
                 if store is not None and keys is not None and piece == wins[a]:
                     store.offer(keys[live[a]], m)
-            idx = torch.as_tensor([live[a] for a in group.tolist()], device=dev)
-            band_inter, band_area = ops.overlap_counts(buf.reshape(group.size, -1))
-            inter[idx[:, None], idx[None, :]] += band_inter
-            area[idx] += band_area
+            ids = np.array([live[a] for a in group.tolist()])
+            box = (rows[0], c0, y0[group], y1[group], x0[group], x1[group])
+            tiles = list(_tiles(*box, buf.shape[1], buf.shape[2]))
+            work = sum(sel.size**2 * (t[1] - t[0]) * (t[3] - t[2]) for sel, t in tiles)
+            if work > 0.7 * group.size**2 * buf.shape[1] * buf.shape[2]:  # frame-filling
+                tiles = [(np.arange(group.size), (0, buf.shape[1], 0, buf.shape[2]))]
+            for sel, (r0, r1, q0, q1) in tiles:
+                if sel.size == 0:
+                    continue
+                whole = sel.size == group.size
+                part = (buf if whole else buf[torch.as_tensor(sel, device=dev)])[:, r0:r1, q0:q1]
+                tile_inter, tile_area = ops.overlap_counts(part.reshape(sel.size, -1))
+                idx = torch.as_tensor(ids[sel], device=dev)
+                inter[idx[:, None], idx[None, :]] += tile_inter
+                area[idx] += tile_area
         r += n
     return inter, area
 
@@ -124,6 +135,34 @@ def _band(
         if n == 1 or act.size * n * width <= budget:
             return n, act
         n = max(1, n // 2)
+
+
+#: A band's buffer is cut into at most TILES x TILES tiles of at least TILE_MIN px a side;
+#: each tile's product involves only the masks whose windows meet it.
+TILES, TILE_MIN = 4, 64
+
+
+def _tiles(
+    top: int,
+    left: int,
+    y0: np.ndarray,
+    y1: np.ndarray,
+    x0: np.ndarray,
+    x1: np.ndarray,
+    rows: int,
+    cols: int,
+):
+    """Tiles of a (rows, cols) buffer at image pixel (top, left): yields (positions of the
+    masks whose windows meet the tile, (r0, r1, c0, c1) in buffer coordinates)."""
+    ny = max(1, min(TILES, rows // TILE_MIN))
+    nx = max(1, min(TILES, cols // TILE_MIN))
+    for i in range(ny):
+        r0, r1 = rows * i // ny, rows * (i + 1) // ny
+        hit_y = (y0 < top + r1) & (y1 > top + r0)
+        for j in range(nx):
+            c0, c1 = cols * j // nx, cols * (j + 1) // nx
+            sel = np.nonzero(hit_y & (x0 < left + c1) & (x1 > left + c0))[0]
+            yield sel, (r0, r1, c0, c1)
 
 
 def _column_groups(act: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> list[np.ndarray]:
