@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -38,6 +39,7 @@ CRAFTED = [
     "ünï cödé 画像.jpg",
 ]
 UNDERSCORE = "_DSC0001.jpg"
+FIXED_NAME = re.compile(r"[a-z0-9_-]+\.[a-z]+")  # OUT's own file names
 ENDPOINT_PASSWORD = "endpoint-PASSWORD-42"
 # batches mixing good and bad files
 SETTINGS = PipelineSettings(
@@ -176,6 +178,10 @@ def test_crafted_names_write_nothing_outside_out(bad_run, tmp_path):
             or rel in [f"out/{n}" for n in ("coco_results.json", "coco_dataset.json", "run.json")]
             or rel == "out/progress.json"
             or rel == "out/report.html"
+            # OUT's index and COCO shards (pipeline/store/layout.py): fixed names, never
+            # derived from an image's name
+            or rel in ("out/index", "out/coco")
+            or (parent in ("out/index", "out/coco") and FIXED_NAME.fullmatch(Path(rel).name))
         ), rel
     assert set(os.listdir()) == bad_run["cwd_before"]  # e.g. no "pwned" in the cwd
     dest = tmp_path / "export"
