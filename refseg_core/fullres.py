@@ -29,15 +29,12 @@ caller must take the dense path.
 
 from __future__ import annotations
 
-import functools
-import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from refseg.core.imaging import ResizeInfo
 from refseg.core.tensors import lowres_to_original
+from refseg.core.windows import Window, axis, exact_fma, first_last, longest_side_grid, spans
 
 __all__ = ["FullResolution", "Window", "exact_fma", "exactness"]
 
@@ -53,113 +50,6 @@ ROUTE_RATIO = 2
 UNSURE_SHARE = 0.1
 #: Taps at least this large cannot underflow when weighted: their output keeps their sign.
 _TINY = 2.0**-100
-
-
-@dataclass(frozen=True)
-class Window:
-    """Rows ``y0:y1`` and columns ``x0:x1`` (ends exclusive) of the original image."""
-
-    y0: int
-    y1: int
-    x0: int
-    x1: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.y1 - self.y0, self.x1 - self.x0
-
-    @property
-    def area(self) -> int:
-        return (self.y1 - self.y0) * (self.x1 - self.x0)
-
-    def rows(self, y0: int, y1: int) -> Window | None:
-        """This window's part of rows ``y0:y1``, or None if they do not meet."""
-        a, b = max(self.y0, y0), min(self.y1, y1)
-        return Window(a, b, self.x0, self.x1) if a < b else None
-
-
-def exact_fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``round_float32(a * b + c)`` with one rounding (a fused multiply-add), float32 in/out.
-
-    ``a * b`` is exact in float64; the float64 sum is rounded once more, which can only
-    differ from a single rounding where it lands exactly halfway between two float32
-    values: there the sum's exact error (TwoSum) decides the side.
-    """
-    s = a.double() * b.double()
-    c64 = c.double()
-    r = s + c64
-    bv = r - s
-    err = (s - (r - bv)) + (c64 - bv)  # s + c == r + err exactly
-    f = r.float()
-    fd = f.double()
-    toward = torch.where(r > fd, torch.full_like(f, math.inf), torch.full_like(f, -math.inf))
-    g = torch.nextafter(f, toward)
-    tie = (r != fd) & ((r - fd) == (g.double() - r))
-    wrong = tie & (err != 0) & ((err > 0) == (r > fd))
-    return torch.where(wrong, g, f)
-
-
-@dataclass(frozen=True)
-class _Axis:
-    """One axis of torch's antialiased bilinear resize, ``n_in`` -> ``n_out`` samples.
-
-    ``lo``/``hi``: (n_out,) first and last input index with a nonzero weight.
-    ``i0``/``i1``/``w0``/``w1``: (n_out,) the two taps of an enlarging axis (``two_tap``).
-    """
-
-    lo: np.ndarray
-    hi: np.ndarray
-    i0: torch.Tensor
-    i1: torch.Tensor
-    w0: torch.Tensor
-    w1: torch.Tensor
-    two_tap: bool
-
-
-@functools.lru_cache(maxsize=32)
-def _axis(n_in: int, n_out: int) -> _Axis:
-    # Resizing the identity along one axis returns each output's weights exactly:
-    # 1 * w = w, and the other taps add exact zeros.
-    eye = torch.eye(n_in, dtype=torch.float32)[None, None]
-    op = F.interpolate(
-        eye, size=(n_out, n_in), mode="bilinear", align_corners=False, antialias=True
-    )
-    op = op[0, 0]  # (n_out, n_in)
-    nz = op != 0
-    lo = nz.to(torch.uint8).argmax(dim=1)
-    hi = n_in - 1 - nz.flip(1).to(torch.uint8).argmax(dim=1)
-    i1 = (lo + 1).clamp(max=n_in - 1)
-    w0 = op.gather(1, lo[:, None])[:, 0]
-    w1 = torch.where(i1 > lo, op.gather(1, i1[:, None])[:, 0], torch.zeros_like(w0))
-    return _Axis(lo.numpy(), hi.numpy(), lo, i1, w0, w1, bool(((hi - lo) <= 1).all()))
-
-
-@functools.lru_cache(maxsize=32)
-def _longest_side_grid(info: ResizeInfo) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H,) and (W,) float32 grid_sample coordinates, as ``lowres_to_original`` makes them."""
-    oh, ow = info.orig_hw
-    vh, vw = info.valid_hw
-    gy = (torch.arange(oh, dtype=torch.float64) + 0.5) * (2 * vh / (oh * info.size))
-    gx = (torch.arange(ow, dtype=torch.float64) + 0.5) * (2 * vw / (ow * info.size))
-    return (gy - 1).float(), (gx - 1).float()
-
-
-def _first_last(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(K, n) bool -> (K,) first and last True index; -1 and -1 where a row has none."""
-    n = f.shape[1]
-    first = np.argmax(f, axis=1)
-    last = n - 1 - np.argmax(f[:, ::-1], axis=1)
-    none = ~f.any(axis=1)
-    first[none], last[none] = -1, -1
-    return first, last
-
-
-def _spans(
-    lo: np.ndarray, hi: np.ndarray, first: np.ndarray, last: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Output ranges ``[a, b)`` whose taps ``[lo, hi]`` (non-decreasing over outputs) meet
-    the input ranges ``[first, last]``; (K,) each."""
-    return np.searchsorted(hi, first, "left"), np.searchsorted(lo, last, "right")
 
 
 class FullResolution:
@@ -191,7 +81,7 @@ class FullResolution:
         self.square = info.valid_hw == (info.size, info.size)  # lowres_to_original's test
         self.variant, self.exact = (variant, True) if variant else exactness(self.device)
         if self.square:
-            ax_y, ax_x = _axis(self.h, self.oh), _axis(self.w, self.ow)
+            ax_y, ax_x = axis(self.h, self.oh), axis(self.w, self.ow)
             self._lo_y, self._hi_y = ax_y.lo, ax_y.hi
             self._lo_x, self._hi_x = ax_x.lo, ax_x.hi
             self._two_tap = ax_y.two_tap
@@ -200,7 +90,7 @@ class FullResolution:
             self._w0, self._w1 = ax_y.w0.to(dev), ax_y.w1.to(dev)
             self._w1d = self._w1.double()
         else:
-            gy, gx = _longest_side_grid(info)
+            gy, gx = longest_side_grid(info)
             self._gy, self._gx = gy.to(self.device), gx.to(self.device)
             # the low-res row/column each output samples (grid_sample's unnormalisation,
             # border clamp), in float64: the window below widens it by one pixel per side
@@ -220,14 +110,14 @@ class FullResolution:
         if self.threshold < 0:
             return [Window(0, self.oh, 0, self.ow)] * k
         pos = (logits > 0).cpu().numpy()
-        r0, r1 = _first_last(pos.any(axis=2))  # (K,) first/last positive row, -1 if none
-        c0, c1 = _first_last(pos.any(axis=1))
+        r0, r1 = first_last(pos.any(axis=2))  # (K,) first/last positive row, -1 if none
+        c0, c1 = first_last(pos.any(axis=1))
         if self.square:
-            y0, y1 = _spans(self._lo_y, self._hi_y, r0, r1)
-            x0, x1 = _spans(self._lo_x, self._hi_x, c0, c1)
+            y0, y1 = spans(self._lo_y, self._hi_y, r0, r1)
+            x0, x1 = spans(self._lo_x, self._hi_x, c0, c1)
         else:  # taps floor(s), floor(s) + 1 of sample position s, one pixel of margin
-            y0, y1 = _spans(np.floor(self._sy) - 1, np.floor(self._sy) + 2, r0, r1)
-            x0, x1 = _spans(np.floor(self._sx) - 1, np.floor(self._sx) + 2, c0, c1)
+            y0, y1 = spans(np.floor(self._sy) - 1, np.floor(self._sy) + 2, r0, r1)
+            x0, x1 = spans(np.floor(self._sx) - 1, np.floor(self._sx) + 2, c0, c1)
         ok = (r0 >= 0) & (y0 < y1) & (x0 < x1)
         return [
             Window(int(y0[i]), int(y1[i]), int(x0[i]), int(x1[i])) if ok[i] else None
