@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,59 @@ def test_proposal_stage_does_not_import_torchvision_or_timm():
     loaded = _imported_after(["refseg.pipeline.dataflow.stages", "refseg.core.factory"])
     assert "torch" in loaded
     assert not loaded & {"torchvision", "timm"}
+
+
+# What each folder's modules may import of refseg's own (README "Layout"): top to bottom.
+_SHARED = ("refseg.pipeline.schema", "refseg.pipeline.storage", "refseg.pipeline.identity")
+_ALLOWED = {
+    "refseg_core": ("refseg.core",),
+    "pipeline/store": ("refseg.core", "refseg.pipeline.store", *_SHARED),
+    "pipeline/dataflow": (
+        "refseg.core",
+        "refseg.pipeline.dataflow",
+        "refseg.pipeline.store",
+        *_SHARED,
+    ),
+    "pipeline": ("refseg.core", "refseg.pipeline"),
+    "jobs": ("refseg.core", "refseg.pipeline", "refseg.jobs"),
+}
+
+
+def _refseg_imports(text: str) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names += [f"{node.module}.{a.name}" for a in node.names]
+    return [n for n in names if n == "refseg" or n.startswith("refseg.")]
+
+
+def _violations(folder: str, modules: dict[str, str]) -> list[tuple[str, str]]:
+    """(module, import) pairs of ``modules`` (stem -> source) that go up from ``folder``.
+    ``from refseg.pipeline import store`` is checked as ``refseg.pipeline.store``."""
+    bad = []
+    for stem, text in modules.items():
+        shared = folder == "pipeline" and f"refseg.pipeline.{stem}" in _SHARED
+        ok = ("refseg.core", *_SHARED) if shared else _ALLOWED[folder]
+        for name in _refseg_imports(text):
+            if not any(name == a or name.startswith(a + ".") for a in ok):
+                bad.append((f"{folder}/{stem}.py", name))
+    return bad
+
+
+def test_imports_go_one_way_down_the_layers():
+    bad = []
+    for folder in _ALLOWED:
+        modules = {p.stem: p.read_text() for p in sorted((ROOT / folder).glob("*.py"))}
+        assert len(modules) >= 3, folder
+        bad += _violations(folder, modules)
+    assert bad == []
+
+
+def test_the_layer_check_refuses_upward_imports():
+    assert _violations("pipeline/store", {"x": "from refseg.pipeline.dataflow import graph"})
+    assert _violations("refseg_core", {"x": "import refseg.jobs.cli"})
+    assert _violations("pipeline", {"schema": "from refseg.pipeline import run"})
+    assert _violations("pipeline/dataflow", {"x": "from refseg.pipeline import job"})
+    assert not _violations("pipeline/dataflow", {"x": "from refseg.pipeline import schema"})
