@@ -55,26 +55,36 @@ def transport_arrays(proposals: Proposals) -> dict[str, torch.Tensor]:
 
     Returns:
         ``signs`` (N, ceil(h*w / 8)) uint8, each row ``np.packbits`` of the row-major
-        foreground (logit > 0); ``boundary_index`` (K,) int32 flat indices into the
-        (N, h, w) logits of the pixels kept exactly; ``boundary_value`` (K,) float32 their
-        logits; ``iou`` (N,) float32; ``points`` (N, 2) float32; ``shape`` (3,) int64.
+        foreground (logit > 0); which pixels are kept exactly, as ``boundary_index`` (K,)
+        int32 flat indices into the (N, h, w) logits, or, where that is smaller (K above
+        1/32 of the pixels: speckled masks), as ``boundary_mask`` (N, ceil(h*w / 8)) uint8
+        packed like ``signs``; ``boundary_value`` (K,) float32 their logits, in row-major
+        order; ``iou`` (N,) float32; ``points`` (N, 2) float32; ``shape`` (3,) int64.
     """
     logits = proposals.logits.detach()
     dev = logits.device
     n, h, w = logits.shape
     ry, rx = _shrink_margin(proposals, h, w)
-    signs, index, value = [], [], []
+    signs, masks, index, value = [], [], [], []
     for s in range(0, n, ENCODE_CHUNK):
         part = logits[s : s + ENCODE_CHUNK].float()
         fg = part > 0
         boundary = _boundary(fg, ry, rx)
         signs.append(pack_bits(fg.reshape(fg.shape[0], h * w)))
+        masks.append(pack_bits(boundary.reshape(fg.shape[0], h * w)))
         idx = torch.nonzero(boundary.reshape(-1)).flatten()
         value.append(part.reshape(-1)[idx])
         index.append((idx + s * h * w).to(torch.int32))
+    empty = torch.zeros((0, -(-h * w // 8)), dtype=torch.uint8, device=dev)
+    kept = sum(int(i.numel()) for i in index)
+    where: dict[str, torch.Tensor] = (
+        {"boundary_mask": torch.cat(masks)}
+        if 4 * kept > n * -(-h * w // 8)  # int32 indices would outweigh a bit per pixel
+        else {"boundary_index": torch.cat(index) if n else torch.zeros(0, dtype=torch.int32)}
+    )
     return {
-        "signs": torch.cat(signs) if n else torch.zeros((0, -(-h * w // 8)), dtype=torch.uint8),
-        "boundary_index": torch.cat(index) if n else torch.zeros(0, dtype=torch.int32),
+        "signs": torch.cat(signs) if n else empty,
+        **where,
         "boundary_value": torch.cat(value) if n else torch.zeros(0, dtype=torch.float32),
         "iou": proposals.iou.detach().float(),
         "points": proposals.points.detach().float(),
@@ -131,7 +141,11 @@ def decode_proposals(data: bytes) -> Proposals:
     if n:
         dense[signs] = 1e4
     dense = dense.reshape(-1)
-    dense[z["boundary_index"]] = z["boundary_value"]
+    if "boundary_mask" in z.files:  # speckled masks: a bit per pixel (transport_arrays)
+        kept = np.unpackbits(z["boundary_mask"], axis=1, count=h * w).astype(bool)
+        dense[kept.reshape(-1)] = z["boundary_value"]
+    else:
+        dense[z["boundary_index"]] = z["boundary_value"]
     size, vh, vw, oh, ow = (int(v) for v in z["sizes"])
     return Proposals(
         torch.from_numpy(dense.reshape(n, h, w)),

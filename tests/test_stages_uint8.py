@@ -34,8 +34,9 @@ class _Seen(Exception):
 class _Model:
     """Records the images a stage passes."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         self.images: list[torch.Tensor] = []
+        self.device = torch.device(device)  # a device object only: nothing runs there
 
     def propose(self, images, valid_hw, orig_hw):
         self.images.append(images)
@@ -54,12 +55,20 @@ def test_stages_pass_uint8_squares_to_the_models():
     batch = _batch()
     squares = batch[Col.SQUARE].copy()
     propose = object.__new__(ProposalStage)
-    propose.proposer = _Model()
+    propose.proposer = _Model("cuda")
     out = propose(dict(batch))
-    (images,) = propose.proposer.images
+    (images,) = propose.proposer.images  # on a GPU: the batch in one call
     assert images.dtype == torch.uint8 and images.shape == (2, 32, 32, 3)
     assert np.array_equal(images.numpy(), squares)
     assert list(out[Col.STATUS]) == ["ok", "ok"]
+
+    propose.proposer = _Model("cpu")
+    again = propose(dict(batch))
+    calls = propose.proposer.images  # on the CPU: one image a call (its logits freed)
+    assert [tuple(c.shape) for c in calls] == [(1, 32, 32, 3)] * 2
+    assert all(c.dtype == torch.uint8 for c in calls)
+    assert np.array_equal(torch.cat(calls).numpy(), squares)
+    assert list(again[Col.PROPOSALS]) == list(out[Col.PROPOSALS])
 
     match = object.__new__(MatchStage)
     match.matcher = _Model()
