@@ -1,93 +1,28 @@
-"""The `refseg` command line, end to end through ``refseg.jobs.cli.main(argv)``.
+"""`refseg sample-references`, `build-memory` and `label`, end to end through ``main(argv)``.
 
 CPU only: the tiny preset with random weights, small generated images and COCO files. The
-labelling tests share one module-scoped run (one local Ray with 2 CPUs).
+labelling tests share one module-scoped run (one local Ray with 2 CPUs). evaluate,
+checkpoints, help, usage errors and version are in ``test_cli_no_model.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import re
-import warnings
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image, ImageDraw
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from refseg.core.memory_bank import MemoryBank
-from refseg.jobs.cli import COMMANDS, Command, build_parser, main
+from refseg.jobs.cli import build_parser, main
 
-W, H = 160, 128
-BOX, TRI = 3, 7  # category ids; not list positions
+from tests.cli_util import BOX, TRI, _run, make_dataset
+
 TINY = ["--preset", "tiny", "--random-weights"]
-
-
-def _run(argv: list[str]) -> tuple[int, str, str]:
-    """``main(argv)`` with stdout and stderr captured; random-weight warnings silenced."""
-    out, err = io.StringIO(), io.StringIO()
-    with (
-        contextlib.redirect_stdout(out),
-        contextlib.redirect_stderr(err),
-        warnings.catch_warnings(),
-    ):
-        warnings.filterwarnings("ignore", message=".*(RANDOM WEIGHTS|random weights)")
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
-
-
-def _poly_ann(aid: int, image_id: int, cat: int, pts: list[tuple[int, int]]) -> dict:
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    poly = [float(v) for p in pts for v in p]
-    rle = mask_utils.merge(mask_utils.frPyObjects([poly], H, W))
-    return {
-        "id": aid,
-        "image_id": image_id,
-        "category_id": cat,
-        "segmentation": [poly],
-        "bbox": [
-            float(min(xs)),
-            float(min(ys)),
-            float(max(xs) - min(xs)),
-            float(max(ys) - min(ys)),
-        ],
-        "area": float(mask_utils.area(rle)),
-        "iscrowd": 0,
-    }
-
-
-def make_dataset(root: Path, n_images: int = 6) -> Path:
-    """PNG images with one rectangle (BOX) and one triangle (TRI) each; returns GT.json."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    images, anns = [], []
-    for i in range(1, n_images + 1):
-        x, y = 12 + 4 * i, 14 + 2 * i
-        box = [(x, y), (x + 50, y), (x + 50, y + 44), (x, y + 44)]
-        tri = [(96, 20 + 3 * i), (146, 20 + 3 * i), (121, 70 + 4 * i)]
-        arr = rng.integers(0, 60, (H, W, 3), dtype=np.uint8)
-        img = Image.fromarray(arr)
-        draw = ImageDraw.Draw(img)
-        draw.polygon(box, fill=(220, 40, 40))
-        draw.polygon(tri, fill=(40, 200, 60))
-        img.save(root / f"im{i}.png")
-        images.append({"id": 100 + i, "file_name": f"im{i}.png", "width": W, "height": H})
-        anns.append(_poly_ann(10 * i, 100 + i, BOX, box))
-        anns.append(_poly_ann(10 * i + 1, 100 + i, TRI, tri))
-    gt = {
-        "images": images,
-        "annotations": anns,
-        "categories": [{"id": BOX, "name": "box"}, {"id": TRI, "name": "tri"}],
-    }
-    path = root / "gt.json"
-    path.write_text(json.dumps(gt))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -334,114 +269,3 @@ def test_cpu_resources_threads_per_pool():
     r = plan_resources(PipelineSettings(), stages, ClusterCapacity(64, 8))
     # every GPU hosts both pools (tests/test_resource_plan.py has the whole policy)
     assert (r.device, r.proposal_actors, r.match_actors) == ("cuda", 8, 8)
-
-
-# --------------------------------------------------------------------------- evaluate
-
-
-def _perfect_results(gt: dict) -> list[dict]:
-    results = []
-    for a in gt["annotations"]:
-        rle = mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], H, W))
-        rle["counts"] = rle["counts"].decode()
-        results.append({"image_id": a["image_id"], "category_id": a["category_id"],
-                        "bbox": a["bbox"], "score": 1.0, "segmentation": rle})  # fmt: skip
-    return results
-
-
-@pytest.mark.parametrize(("split", "classes"), [([], {BOX, TRI}), (["--split", "tri"], {TRI})])
-def test_evaluate_perfect_results_give_ap_one(dataset, tmp_path, split, classes):
-    results = tmp_path / "perfect.json"
-    results.write_text(json.dumps(_perfect_results(json.loads(dataset.read_text()))))
-    rc, stdout, err = _run(
-        ["evaluate", "--results", str(results), "--ground-truth", str(dataset), *split]
-    )
-    assert rc == 0, err
-    saved = json.loads((tmp_path / "perfect.eval.json").read_text())
-    for iou_type in ("bbox", "segm"):
-        assert saved[iou_type]["stats"]["AP"] == pytest.approx(1.0)
-        assert {int(k) for k in saved[iou_type]["per_class"]} == classes
-    assert "Average Precision" in stdout and "100.00" in stdout
-
-
-def test_evaluate_missing_ground_truth_names_it(dataset, tmp_path):
-    results = tmp_path / "r.json"
-    results.write_text("[]")
-    rc, _, err = _run(
-        ["evaluate", "--results", str(results), "--ground-truth", str(tmp_path / "gt.json")]
-    )
-    assert rc == 2 and f"ground truth not found: {tmp_path / 'gt.json'}" in err
-
-
-# ------------------------------------------------------------------------ checkpoints
-
-
-def test_checkpoints_list_and_download_from_cache(tmp_path):
-    rc, out, _ = _run(["checkpoints", "list", "--cache-dir", str(tmp_path)])
-    assert rc == 0
-    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
-    assert {"sam2.1_hiera_large", "dinov2_vitl14"} <= set(rows)
-    assert rows["sam2.1_hiera_tiny"][3] == "no"
-
-    payload = b"not really a checkpoint"
-    (tmp_path / "sam2.1_hiera_tiny.pt").write_bytes(payload)
-    rc, out, err = _run(
-        ["checkpoints", "download", "sam2.1_hiera_tiny", "--cache-dir", str(tmp_path)]
-    )
-    assert rc == 0, err
-    assert "already cached" in out and hashlib.sha256(payload).hexdigest() in out
-    rc, out, _ = _run(["checkpoints", "list", "--cache-dir", str(tmp_path)])
-    assert (
-        next(ln for ln in out.splitlines() if ln.startswith("sam2.1_hiera_tiny ")).split()[3]
-        == "yes"
-    )
-
-
-def test_checkpoints_download_unknown_name(tmp_path):
-    rc, out, err = _run(["checkpoints", "download", "sam3_giant", "--cache-dir", str(tmp_path)])
-    assert rc == 2 and out == ""
-    assert err.startswith("refseg checkpoints download: error: unknown checkpoint 'sam3_giant'")
-    assert "sam2.1_hiera_large" in err
-
-
-# --------------------------------------------------------------------- parser, version
-
-
-def _subcommands() -> list[list[str]]:
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    names = [[n] for n in sub.choices]
-    return [*names, ["checkpoints", "list"], ["checkpoints", "download"]]
-
-
-@pytest.mark.parametrize("argv", _subcommands(), ids=" ".join)
-def test_help_of_every_subcommand(argv):
-    rc, out, _ = _run([*argv, "--help"])
-    assert rc == 0 and out.startswith("usage: refseg " + " ".join(argv))
-
-
-def test_core_subcommands_are_registered():
-    names = {a[0] for a in _subcommands()}
-    assert {"sample-references", "build-memory", "label", "evaluate", "report",
-            "checkpoints", "version"} <= names  # fmt: skip
-
-
-def test_absent_command_module_is_left_out():
-    ghost = Command("ghost", "refseg.jobs._no_such_module", "add", "run", "not written yet")
-    parser = build_parser([ghost, *COMMANDS])
-    sub = next(a for a in parser._actions if a.dest == "command")
-    assert "ghost" not in sub.choices and "label" in sub.choices
-
-
-@pytest.mark.parametrize(
-    "argv", [[], ["label"], ["evaluate", "--results", "x"], ["no-such-command"]]
-)
-def test_usage_errors_exit_2(argv):
-    rc, _, err = _run(argv)
-    assert rc == 2 and "usage: refseg" in err
-
-
-def test_version_lists_packages():
-    rc, out, _ = _run(["version"])
-    assert rc == 0
-    assert re.search(r"^torch\s+\d", out, re.M) and re.search(r"^sam2\s+1\.1\.0", out, re.M)
