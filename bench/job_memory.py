@@ -190,8 +190,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             runs[case]["errors"] = errors
             print(f"{case}: rc {rc}, {seconds:.0f} s, errors {errors}", flush=True)
+            print(_common.table([rows[-1]]), flush=True)
             if rc:
                 print(tail, file=sys.stderr)
+            payload = {"rows": rows, "runs": runs, "machine": machine, "partial": True}
+            _common.save_result(args.name, payload, args.out_dir)  # each case as it ends
     print(_common.table(rows))
     for case, run in runs.items():
         print(f"\n{case}: peak PSS per role (MiB)")
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     return _common.finish(
         __file__,
         args.name,
-        {"rows": rows, "runs": runs, "machine": machine},
+        {"rows": rows, "runs": runs, "machine": machine, "partial": False},
         argv,
         args.out_dir,
     )
