@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from refseg.core import ops
 from refseg.core.config import MethodConfig
 from refseg.core.features import DinoEncoder
-from refseg.core.fullres import FullResolution
+from refseg.core.fullres import FullResolution, Window
 from refseg.core.imaging import ResizeInfo
 from refseg.core.instances import Instances
 from refseg.core.memory_bank import MemoryBank
@@ -22,6 +22,21 @@ __all__ = ["Matcher", "PooledMatcher"]
 #: Low-res logits upsampled to the image size per step of the dense reference path
 #: (float32 peak: 16 masks' worth).
 UPSAMPLE_CHUNK = 16
+#: The dense path (every survivor upsampled whole) is taken where its masks fit in this
+#: many pixels (K x H x W bool bytes) and the windows cover at least DENSE_WINDOW_SHARE of
+#: them: frame-filling (speckled) masks on a small image, where windows save nothing and
+#: cost their per-mask work (480 x 640, 800 speckled survivors: windowed 0.5x the dense).
+DENSE_MAX_PIXELS = 2**28
+DENSE_WINDOW_SHARE = 0.5
+
+
+def dense_is_cheaper(windows: list[Window | None], orig_hw: tuple[int, int]) -> bool:
+    """Whether ``PooledMatcher.match_pooled`` takes the dense path for these windows (the
+    outputs are the same either way)."""
+    whole = len(windows) * orig_hw[0] * orig_hw[1]
+    if not whole or whole > DENSE_MAX_PIXELS:
+        return False
+    return sum(w.area for w in windows if w is not None) >= DENSE_WINDOW_SHARE * whole
 
 
 @dataclass(frozen=True)
@@ -122,6 +137,8 @@ class PooledMatcher:
         if not fr.exact:  # this device's resize could not be reproduced window by window
             return self._finish_dense(sv).with_rles(drop_masks=True)
         windows = fr.windows(sv.logits)
+        if dense_is_cheaper(windows, (fr.oh, fr.ow)):  # frame-filling masks, a small image
+            return self._finish_dense(sv).with_rles(drop_masks=True)
         scores = sv.scores
         store = MaskStore()  # masks the merge computes whole, reused by the encoding
         if m.soft_merge:

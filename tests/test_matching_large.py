@@ -83,6 +83,38 @@ def _pooled(bank: MemoryBank, logits: torch.Tensor) -> torch.Tensor:
     return 3 * protos + torch.randn(k, DIM, generator=g)
 
 
+@pytest.fixture(autouse=True)
+def _windows_always(monkeypatch):
+    """The equality tests run the windowed path at every size: no dense route for small
+    images of frame-filling masks (``matching.dense_is_cheaper``, tested on its own)."""
+    monkeypatch.setattr(matching, "DENSE_MAX_PIXELS", 0)
+
+
+def test_small_images_of_frame_filling_masks_take_the_dense_path(monkeypatch):
+    bank = _bank()
+    matcher = PooledMatcher(bank, MethodConfig(nms_iou=1.0))
+    taken = []
+    dense = matcher._finish_dense
+    monkeypatch.setattr(matcher, "_finish_dense", lambda sv: taken.append(1) or dense(sv))
+    for kind, logits, budget, route in [
+        ("speckled, small", speckles(12, 1), 2**28, [1]),
+        ("object-like, small", ellipses(12, 1), 2**28, []),
+        ("speckled, over the budget", speckles(12, 1), 12 * 300 * 410 - 1, []),
+    ]:
+        taken.clear()
+        hw = (300, 410)
+        monkeypatch.setattr(matching, "DENSE_MAX_PIXELS", budget)
+        props, pooled = _proposals(logits, hw, "square"), _pooled(bank, logits)
+        got = matcher.match_pooled(props, pooled)
+        assert taken == route, kind
+        assert got.masks is None and len(got.rles) == len(got) > 0
+    windows = [Window(0, 10, 0, 10), None]
+    assert matching.dense_is_cheaper(windows, (10, 10))  # 100 of 200 pixels: half
+    assert not matching.dense_is_cheaper([Window(0, 9, 0, 10), None], (10, 10))
+    monkeypatch.setattr(matching, "DENSE_MAX_PIXELS", 199)
+    assert not matching.dense_is_cheaper(windows, (10, 10))
+
+
 def assert_same(dense, windowed) -> None:
     """Same instances in the same order, bit-identical masks, scores within 1e-6."""
     assert windowed.masks is None and windowed.rles is not None
