@@ -137,10 +137,6 @@ def _tasks(ds: ray.data.Dataset, fn: Any, kwargs: dict[str, Any], batch: int, cp
     return ds.map_batches(fn, fn_kwargs=kwargs, batch_size=batch, num_cpus=cpus)
 
 
-#: Batches at a CPU model actor at once (the one it runs included); None: Ray's default.
-CPU_TASKS_IN_FLIGHT = 1
-
-
 def _actors(
     ds: ray.data.Dataset,
     cls: type,
@@ -152,19 +148,10 @@ def _actors(
     cpus: float,
     batch: int,
 ) -> ray.data.Dataset:
-    # On the CPU one batch waits at each actor, not Ray's default two: a batch takes
-    # seconds to minutes there, so the wait costs nothing, and each waiting ntt batch holds
-    # up to a GiB of proposals (issue 18: the job's memory). A GPU keeps one queued.
-    queued = None if gpus else CPU_TASKS_IN_FLIGHT
     if min_actors is None:  # a fixed pool (CPU)
-        compute = ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=queued)
+        compute = ActorPoolStrategy(size=actors)
     else:  # start at the largest size (ray #59144), give idle actors back down to min
-        compute = ActorPoolStrategy(
-            min_size=min_actors,
-            max_size=actors,
-            initial_size=actors,
-            max_tasks_in_flight_per_actor=queued,
-        )
+        compute = ActorPoolStrategy(min_size=min_actors, max_size=actors, initial_size=actors)
     return ds.map_batches(
         cls,
         fn_constructor_kwargs=kwargs,
