@@ -1,7 +1,7 @@
 """bench/corpus_scale.py keeps working: ``--quick`` on local disk, in a subprocess.
 
 No timing is asserted (the machine may be busy); the JSON is checked for the figures
-BENCHMARKS.md section 8 reports, and for what must hold whatever the speed: a nightly
+BENCHMARKS.md section 9 reports, and for what must hold whatever the speed: a nightly
 rerun reads a bounded number of objects and writes in proportion to its new images.
 """
 
