@@ -39,10 +39,13 @@ def test_a_second_run_on_an_out_in_use_is_refused_and_deletes_nothing(tiny_setup
     proc = start_driver(tiny_setup["bank"], images, out, gate.env(), log)
     try:
         gate.wait_held("propose", proc=proc)
+        # at least one finished part of the first run: usually the whole first block, but
+        # on a loaded machine Ray Data may bundle images of both blocks into the task whose
+        # call is held, and those wait with it (seen under two busy loops: 2 parts)
         wait_until(
-            lambda: len(part_names(out / "images")) >= ROWS_PER_TASK,
+            lambda: len(part_names(out / "images")) >= 1,
             timeout=WAIT_S,
-            what="the first run's first block",
+            what="the first run's first parts",
             proc=proc,
         )
         before = part_names(out / "instances") | part_names(out / "images")
