@@ -32,27 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import _common
-from memory import _descendants, role_of
+from memory import _cmdline, _descendants, _status_kib, role_of
 
 REFSEG = [sys.executable, "-m", "refseg"]
 PAPER_GIB = 11.0  # the paper's code, one process, same six images (issue 18 item 4)
-
-
-def _pss_kib(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def _title(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
-    except OSError:
-        return ""
 
 
 class PssSampler(threading.Thread):
@@ -70,12 +53,12 @@ class PssSampler(threading.Thread):
     def sample(self) -> None:
         total = 0
         for pid in [self.root, *_descendants(self.root)]:
-            kib = _pss_kib(pid)
+            kib = _status_kib(pid, "Pss", "smaps_rollup")
             if kib is None:
                 continue
             total += kib
             self.peak_kib[pid] = max(kib, self.peak_kib.get(pid, 0))
-            if title := _title(pid):
+            if title := _cmdline(pid)[:200]:
                 self.titles.setdefault(pid, set()).add(title)
         self.peak_sum_kib = max(self.peak_sum_kib, total)
         self.samples += 1

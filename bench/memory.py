@@ -34,9 +34,10 @@ TARGET_RATIO = 1.1
 ROLES = ("driver", "proposal actor", "match actor", "task workers", "ray system")
 
 
-def _status_kib(pid: int, key: str) -> int | None:
+def _status_kib(pid: int, key: str, file: str = "status") -> int | None:
+    """The kB value of ``key`` in ``/proc/<pid>/<file>`` (``status``, ``smaps_rollup``)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     except (OSError, ValueError):

@@ -137,13 +137,9 @@ def _exif_jpeg(arr: np.ndarray, orientation: int) -> bytes:
     return _encode(Image.fromarray(arr), "JPEG", quality=90, exif=exif.tobytes())
 
 
-@pytest.mark.parametrize("orientation", [1, 6])
-def test_thumbnail_of_a_large_jpeg_is_decoded_small(orientation, monkeypatch):
-    from refseg.core.imaging import decode_thumbnail
-
-    big = np.repeat(np.repeat(_photo(75, 100), 32, axis=0), 32, axis=1)  # 2400 x 3200
-    data = _exif_jpeg(big, orientation)
-    loaded = []
+def _record_loads(monkeypatch) -> list[tuple[int, int]]:
+    """The sizes of every PIL image decoded (``Image.load``) from now on."""
+    loaded: list[tuple[int, int]] = []
     real_load = Image.Image.load
 
     def load(self):
@@ -151,6 +147,16 @@ def test_thumbnail_of_a_large_jpeg_is_decoded_small(orientation, monkeypatch):
         return real_load(self)
 
     monkeypatch.setattr(Image.Image, "load", load)
+    return loaded
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_thumbnail_of_a_large_jpeg_is_decoded_small(orientation, monkeypatch):
+    from refseg.core.imaging import decode_thumbnail
+
+    big = np.repeat(np.repeat(_photo(75, 100), 32, axis=0), 32, axis=1)  # 2400 x 3200
+    data = _exif_jpeg(big, orientation)
+    loaded = _record_loads(monkeypatch)
     thumb, scale = decode_thumbnail(data, 512)
     rotated = orientation == 6
     assert thumb.shape == ((512, 384, 3) if rotated else (384, 512, 3))
@@ -182,14 +188,7 @@ def test_report_tile_embeds_a_thumbnail_not_the_image(tmp_path, monkeypatch):
         "score": 0.9,
     }
     row = ImageRow(1, str(path), 3200, 2400)
-    loaded = []
-    real_load = Image.Image.load
-
-    def load(self):
-        loaded.append(self.size)
-        return real_load(self)
-
-    monkeypatch.setattr(Image.Image, "load", load)
+    loaded = _record_loads(monkeypatch)
     html = render_tile(TileInput(row, [inst], 10))
     assert loaded and max(max(s) for s in loaded) <= 1600  # the photo is never decoded whole
     (uri,) = [p.split('"')[0] for p in html.split('src="')[1:]]
