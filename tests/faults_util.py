@@ -46,6 +46,12 @@ REPO = Path(__file__).resolve().parents[1]
 # gate (tests/stage_gate.py) holding proposal call ROWS_PER_TASK + 1, the first call of the
 # second block, thus holds a job with exactly the first block's images written.
 ROWS_PER_TASK = FETCH_BLOCK_ROWS
+# Two whole blocks: the blocks' fetch tasks may finish in either order (a short trailing
+# block often first on a loaded machine), so only with equal blocks is the held call
+# always the first of the second proposal task, whichever block that is. (With 8 + 2
+# images, the 2 went first under two busy loops; call 9 fell inside the 8's task and held
+# its finished images back: 2 parts written, never 8.)
+TWO_BLOCKS = 2 * ROWS_PER_TASK
 # batches of one or two images: a kill lands mid-job and little work is in flight
 SMALL_BATCHES = PipelineSettings(
     decode_batch_size=2, proposal_batch_size=1, match_batch_size=1, write_batch_size=1

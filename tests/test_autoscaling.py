@@ -31,11 +31,17 @@ from pathlib import Path
 import pytest
 import yaml
 from ray.cluster_utils import AutoscalingCluster
+from refseg.pipeline.dataflow.sources import FETCH_BLOCK_ROWS
 
 from tests.faults_util import write_jpegs
 from tests.ray_head import free_port, ray_head
+from tests.stage_gate import WAIT_S, StageGate
 
-IMAGES = 10
+# Blocks of FETCH_BLOCK_ROWS images: four, so that blocks still wait when the second proposal
+# actor starts (the first, held, takes at most two). With 10 images (two blocks) the first
+# actor took both, Ray Data's pool scaled the second down ("consumed all inputs") and no
+# proposal ran on the second worker (seen under two busy loops).
+IMAGES = 4 * FETCH_BLOCK_ROWS
 MAX_NODES = 2
 GPU_WORKER = {"resources": {"CPU": 2, "GPU": 1}, "node_config": {}, "min_workers": 0}
 
@@ -83,11 +89,12 @@ class FakeGpuCluster(AutoscalingCluster):
             **kw,
         }
 
-    def run(self, home: Path):
-        """``ray start --head`` with this config (a context manager yielding ray_head's info)."""
+    def run(self, home: Path, gate: StageGate):
+        """``ray start --head`` with this config (a context manager yielding ray_head's info);
+        the head, the nodes its autoscaler starts and their workers have ``gate`` on."""
         path = home / "ray_bootstrap_config.yaml"
         path.write_text(yaml.safe_dump(self._config))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env = gate.env({k: v for k, v in os.environ.items() if not k.startswith("RAY_")})
         env.update(
             RAY_FAKE_CLUSTER="1",
             AUTOSCALER_UPDATE_INTERVAL_S="1",
@@ -105,6 +112,33 @@ class FakeGpuCluster(AutoscalingCluster):
         return ray_head(argv, env, ports={"--port": self.gcs_port})
 
 
+def _proposal_nodes(address: str) -> set[str]:
+    """Nodes with a live proposal actor."""
+    from ray.util.state import list_actors
+
+    alive = list_actors(
+        address=address,
+        filters=[("state", "=", "ALIVE")],
+        detail=True,
+        limit=10_000,
+        raise_on_missing_output=False,
+    )
+    return {a.node_id for a in alive if "ProposalStage" in a.class_name}
+
+
+def _hold_until_both_workers_propose(gate: StageGate, proc, address: str) -> None:
+    """The job's first proposal call waits until a proposal actor lives on each GPU worker,
+    so the second worker always joins mid-job (else a slow machine may finish the job on
+    the first worker before the autoscaler's second node is up)."""
+    gate.wait_held("propose", proc=proc)
+    deadline = time.monotonic() + WAIT_S
+    while len(nodes := _proposal_nodes(address)) < MAX_NODES:
+        assert proc.poll() is None, "the job ended while its first proposal call was held"
+        assert time.monotonic() < deadline, f"after {WAIT_S:.0f} s proposal actors on {nodes}"
+        time.sleep(1)
+    gate.release("propose")
+
+
 @pytest.fixture(scope="module")
 def labelled(tiny_setup, tmp_path_factory):
     """One `refseg label` on a fresh fake cluster; its outputs and the cluster's record."""
@@ -115,8 +149,9 @@ def labelled(tiny_setup, tmp_path_factory):
     home.mkdir()
     write_jpegs(root / "images", IMAGES)
     cluster = FakeGpuCluster({"CPU": 2, "GPU": 0}, {"gpu_worker": GPU_WORKER | {"max_workers": 2}})
+    gate = StageGate(root / "gate", propose=1)
     t0 = time.monotonic()
-    with cluster.run(home) as head:
+    with cluster.run(home, gate) as head:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.update(
             RAY_ADDRESS=head["gcs"],
@@ -130,7 +165,16 @@ def labelled(tiny_setup, tmp_path_factory):
         argv += ["--out", str(root / "out"), "--progress-interval", "60"]
         argv += ["--preset", "tiny", "--random-weights", "--gpu-wait-s", "300"]
         argv += ["--proposal-batch-size", "1", "--match-batch-size", "1"]
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, cwd=root)
+        logs = root / "driver.out", root / "driver.err"
+        with logs[0].open("w") as out, logs[1].open("w") as err:
+            proc = subprocess.Popen(argv, env=env, stdout=out, stderr=err, text=True, cwd=root)
+            try:
+                _hold_until_both_workers_propose(gate, proc, head["dashboard"])
+                proc.wait(timeout=900)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        stdout, stderr = (log.read_text() for log in logs)
         seconds = time.monotonic() - t0
         address = head["dashboard"]
         nodes = list_nodes(address=address, detail=True, raise_on_missing_output=False)
@@ -142,11 +186,11 @@ def labelled(tiny_setup, tmp_path_factory):
             limit=10_000,
             raise_on_missing_output=False,
         )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, stdout[-4000:] + stderr[-4000:]
     return {
         "out": root / "out",
-        "stdout": proc.stdout,
-        "stderr": proc.stderr,
+        "stdout": stdout,
+        "stderr": stderr,
         "nodes": nodes,
         "actors": actors,
         "tasks": tasks,
@@ -200,3 +244,5 @@ def test_more_actors_work_once_the_second_worker_joins(labelled):
     by_node = {t.node_id for t in ran}
     by_actor = {t.actor_id for t in ran}
     assert len(by_node) == MAX_NODES and len(by_actor) >= MAX_NODES, ran
+    per_node = {n[-6:]: sum(t.node_id == n for t in ran) for n in by_node}
+    print(f"\nproposal tasks per node: {per_node}")

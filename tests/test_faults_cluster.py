@@ -29,6 +29,7 @@ import pytest
 
 from tests.faults_util import (
     ROWS_PER_TASK,
+    TWO_BLOCKS,
     descendants,
     image_ids,
     kill_tree,
@@ -133,7 +134,7 @@ def test_worker_node_killed_mid_job_finishes_with_every_image_once(
 def test_driver_killed_mid_job_rerun_resumes_and_redoes_only_work_in_flight(
     tiny_setup, tmp_path, capsys
 ):
-    n = N
+    n = TWO_BLOCKS  # a local Ray, one proposal actor: the held call begins a task
     images, out = tmp_path / "images", tmp_path / "out"
     write_jpegs(images, n)
     gates = [StageGate(tmp_path / "gate1", propose=HOLD), StageGate(tmp_path / "gate2")]

@@ -26,6 +26,7 @@ from refseg.pipeline.schema import Col
 
 from tests.faults_util import (
     ROWS_PER_TASK,
+    TWO_BLOCKS,
     MotoServer,
     free_port,
     image_ids,
@@ -208,7 +209,7 @@ def test_outage_longer_than_the_retries_fails_clearly_then_rerun_resumes(
     monkeypatch.setattr(
         "refseg.pipeline.dataflow.graph.IO_RETRIES", 1
     )  # fail sooner: 2 attempts of a part
-    n = ROWS_PER_TASK + 2
+    n = TWO_BLOCKS
     s3, job = _setup(tiny_setup, tmp_path, moto, n)
     gate = StageGate(tmp_path / "gate", propose=ROWS_PER_TASK + 1)
     with gate.in_process():
@@ -241,7 +242,7 @@ def test_outage_shorter_than_the_retries_is_ridden_out(tiny_setup, tmp_path, mot
     """S3 frozen mid-run until Ray Data has retried a part write (so longer than the S3
     client's own three attempts), then back: Ray Data's further retries write the parts and
     the job completes as if nothing happened."""
-    n, bucket = ROWS_PER_TASK + 2, "faults-short"
+    n, bucket = TWO_BLOCKS, "faults-short"
     s3, job = _setup(tiny_setup, tmp_path, moto, n, bucket)
     gate = StageGate(tmp_path / "gate", propose=ROWS_PER_TASK + 1)
     with gate.in_process():

@@ -22,7 +22,7 @@ from refseg.pipeline.schema import IMAGES_SCHEMA, image_id_from_uri
 from refseg.pipeline.storage import resolve
 
 from tests.conftest import write_images
-from tests.faults_util import ROWS_PER_TASK, kill_tree, start_driver, wait_until
+from tests.faults_util import ROWS_PER_TASK, TWO_BLOCKS, kill_tree, start_driver, wait_until
 from tests.stage_gate import WAIT_S, StageGate
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -229,7 +229,7 @@ def test_coco_targets_keep_their_ids_and_manifest_input(tiny_setup, tmp_path):
 
 def test_driver_killed_mid_job_then_rerun_completes_exactly_once(tiny_setup, tmp_path):
     images = tmp_path / "imgs"
-    n = ROWS_PER_TASK + 4
+    n = TWO_BLOCKS
     write_images(images, n)
     out = tmp_path / "out"
     # the first proposal call of the second block waits: the driver dies mid-job, always,

@@ -18,6 +18,7 @@ from refseg.pipeline.job import run_label
 
 from tests.faults_util import (
     ROWS_PER_TASK,
+    TWO_BLOCKS,
     image_ids,
     make_job,
     part_names,
@@ -33,19 +34,16 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 def test_a_second_run_on_an_out_in_use_is_refused_and_deletes_nothing(tiny_setup, tmp_path):
     """The issue's case: the second run's clean-up deleted the first's in-flight parts."""
     images, out, log = tmp_path / "images", tmp_path / "out", tmp_path / "driver.log"
-    n = ROWS_PER_TASK + 2
+    n = TWO_BLOCKS
     write_jpegs(images, n)
     gate = StageGate(tmp_path / "gate", propose=ROWS_PER_TASK + 1)  # the second block's first
     proc = start_driver(tiny_setup["bank"], images, out, gate.env(), log)
     try:
         gate.wait_held("propose", proc=proc)
-        # at least one finished part of the first run: usually the whole first block, but
-        # on a loaded machine Ray Data may bundle images of both blocks into the task whose
-        # call is held, and those wait with it (seen under two busy loops: 2 parts)
         wait_until(
-            lambda: len(part_names(out / "images")) >= 1,
+            lambda: len(part_names(out / "images")) >= ROWS_PER_TASK,
             timeout=WAIT_S,
-            what="the first run's first parts",
+            what="the first run's first block",
             proc=proc,
         )
         before = part_names(out / "instances") | part_names(out / "images")
