@@ -179,11 +179,12 @@ def main() -> None:
         for k in range(0, len(todo), 32):  # the labelling: the writer tasks' parts
             write_parts(label_batch(listing, todo[k : k + 32]), out=out)
         label_seconds = time.perf_counter() - t0
-        step(out, "settle", lambda: redo.settle(out), steps)
-        step(out, "coco", lambda: write_coco(out, CATEGORIES), steps)
+        settled = step(out, "settle", lambda: redo.settle(out), steps)
+        step(out, "coco", lambda: write_coco(out, CATEGORIES, snapshot=settled), steps)
 
         def record() -> None:  # the totals over OUT and run.json, as the job's record
-            write_run_record(out, {**start, "status": "complete", "counts": totals(out)})
+            counts = totals(out, settled)
+            write_run_record(out, {**start, "status": "complete", "counts": counts})
 
         step(out, "record", record, steps)
         steps["labelled"] = {"images": len(todo), "seconds": label_seconds}

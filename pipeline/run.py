@@ -225,7 +225,7 @@ def _run_holding_out(
         drain(ds, out, progress, counts)
     seconds = time.perf_counter() - t0
     lock.check()  # a run whose S3 lease was taken over writes no final file
-    settle(out)  # one row per image even if a killed run's workers wrote late
+    settled = settle(out)  # one row per image even if a killed run's workers wrote late
     record = complete_record(
         out,
         fingerprint=fingerprint,
@@ -244,6 +244,7 @@ def _run_holding_out(
         counts=counts,
         more_counts={"skipped_done": len(todo.done), **todo.counts},
         seconds=seconds,
+        snapshot=settled,
     )
     job.finish_record(record, resources)
     write_run_record(out, record)

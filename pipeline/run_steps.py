@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import ray.data
 from refseg.core.config import (
     RUNTIME_METHOD_FIELDS,
@@ -23,7 +24,7 @@ from refseg.core.config import (
 from refseg.core.memory_bank import MemoryBank
 from refseg.pipeline.schema import Col
 from refseg.pipeline.storage import Location
-from refseg.pipeline.store import layout
+from refseg.pipeline.store import index
 from refseg.pipeline.store.coco_files import write_coco
 from refseg.pipeline.store.progress import ProgressReporter
 from refseg.pipeline.store.record import package_versions
@@ -127,20 +128,24 @@ def drain(
         raise stopped(exc, out) from exc
 
 
-def totals(out: Location) -> dict[str, Any]:
-    cols = [Col.STATUS, Col.N_INSTANCES, Col.T_DECODE, Col.T_PROPOSE, Col.T_MATCH, Col.T_ENCODE]
-    tot: dict[str, Any] = {"images": 0, "ok": 0, "errors": 0, "instances": 0}
-    stages = dict.fromkeys(("decode", "propose", "match", "encode"), 0.0)
-    for t in layout.iter_tables(out, layout.IMAGES_DIR, cols):
-        status = np.asarray(t.column(Col.STATUS).to_pylist())
-        tot["images"] += t.num_rows
-        tot["ok"] += int(np.sum(status == "ok"))
-        tot["errors"] += int(np.sum(status != "ok"))
-        tot["instances"] += int(np.sum(t.column(Col.N_INSTANCES).to_numpy()))
-        for key, col in zip(stages, cols[2:], strict=True):
-            stages[key] += float(np.nansum(t.column(col).to_numpy(zero_copy_only=False)))
-    tot["stage_seconds"] = stages
-    return tot
+def totals(out: Location, snapshot: index.Snapshot | None = None) -> dict[str, Any]:
+    """run.json's counts over every images row of OUT (its index: ``snapshot`` when the
+    caller holds it, as after ``settle``), in Arrow: no Python object per row."""
+    rows = (snapshot if snapshot is not None else index.load(out)).rows
+    ok = int(pc.sum(pc.equal(rows.column(Col.STATUS), "ok")).as_py() or 0)
+    n_instances = pc.sum(rows.column(Col.N_INSTANCES)).as_py() or 0
+    cols = [Col.T_DECODE, Col.T_PROPOSE, Col.T_MATCH, Col.T_ENCODE]
+    stages = {  # NaN (not timed) counts as nothing, as np.nansum
+        key: float(pc.sum(pc.if_else(pc.is_nan(rows.column(c)), 0.0, rows.column(c))).as_py() or 0)
+        for key, c in zip(("decode", "propose", "match", "encode"), cols, strict=True)
+    }
+    return {
+        "images": rows.num_rows,
+        "ok": ok,
+        "errors": rows.num_rows - ok,
+        "instances": int(n_instances),
+        "stage_seconds": stages,
+    }
 
 
 def complete_record(
@@ -156,13 +161,14 @@ def complete_record(
     more_counts: dict[str, Any],
     seconds: float,
     checkpoints: Any = None,
+    snapshot: index.Snapshot | None = None,
 ) -> dict[str, Any]:
     """Write OUT's COCO files over every image; return the fields of a complete run.json
     that ``refseg label`` and ``refseg rematch`` share (each adds its own, then writes it).
     """
     categories = [{"id": c, "name": bank.names[c]} for c in bank.category_ids]
     try:
-        coco_stats = write_coco(out, categories)
+        coco_stats = write_coco(out, categories, snapshot=snapshot)
     except OSError as exc:
         said = " ".join(str(exc).split())
         raise OSError(
@@ -170,7 +176,7 @@ def complete_record(
             f"{type(exc).__name__}: {said}; rerun the same command to write them "
             "(no image is labelled again)"
         ) from exc
-    total = totals(out)
+    total = totals(out, snapshot)
     return {
         "fingerprint": fingerprint,
         "status": "complete",

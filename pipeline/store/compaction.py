@@ -124,23 +124,30 @@ def _groups(snap: index.Snapshot, chunks: list[list[str]]) -> list[Group]:
 
 def full_groups(snap: index.Snapshot) -> list[Group]:
     """Every small part, packed into parts of up to COMPACT_ROWS images (cache or not apart)."""
-    rows, size, cached = _sizes(snap)
-    small = _small(rows, size)
-    chunks = [
-        g
-        for subset in ([p for p in small if p in cached], [p for p in small if p not in cached])
-        for g in _pack(subset, rows, size)
-    ]
-    return _groups(snap, chunks)
+    return _planned(snap, full=True)[0]
 
 
 def auto_groups(snap: index.Snapshot) -> list[Group]:
     """The merges past the threshold: FANOUT parts of one size tier, at most AUTO_MAX_ROWS."""
-    if len(snap.listed) < FANOUT:
-        return []
+    return _planned(snap, full=False)[0]
+
+
+def _planned(snap: index.Snapshot, *, full: bool) -> tuple[list[Group], set[str]]:
+    """``full_groups`` or ``auto_groups``, and the parts with a cache part (one listing of
+    each folder for both)."""
+    if not full and len(snap.listed) < FANOUT:
+        return [], set()
     rows, size, cached = _sizes(snap)
+    small = _small(rows, size)
+    if full:
+        chunks = [
+            g
+            for subset in ([p for p in small if p in cached], [p for p in small if p not in cached])
+            for g in _pack(subset, rows, size)
+        ]
+        return _groups(snap, chunks), cached
     tiers: dict[tuple[bool, int], list[str]] = {}
-    for p in _small(rows, size):
+    for p in small:
         tier = int(math.log(max(rows[p], 1), FANOUT))
         tiers.setdefault((p in cached, tier), []).append(p)
     chunks, budget = [], AUTO_MAX_ROWS
@@ -150,10 +157,10 @@ def auto_groups(snap: index.Snapshot) -> list[Group]:
             for g in _pack(names[k : k + FANOUT], rows, size):
                 n = sum(rows[p] for p in g)
                 if n > budget:
-                    return _groups(snap, chunks)
+                    return _groups(snap, chunks), cached
                 chunks.append(g)
                 budget -= n
-    return _groups(snap, chunks)
+    return _groups(snap, chunks), cached
 
 
 def _write_stream(out: Location, kind: str, tables: Iterator[pa.Table], schema: pa.Schema) -> int:
@@ -211,12 +218,11 @@ def compact(
     """Merge small parts (``full``: all of them; else the automatic tiers); call it holding
     OUT's lock, after ``redo.tidy``. Returns counts: groups, parts merged, rows, files."""
     snap = snapshot if snapshot is not None else index.load(out)
-    groups = full_groups(snap) if full else auto_groups(snap)
+    groups, cached = _planned(snap, full=full)
     if not groups:
         return {"groups": 0, "parts_merged": 0, "rows": 0}
     journal.write_journal(out, groups)
     index.forget(out, [s for g in groups for s in g.sources])  # before any is deleted
-    cached = set(layout.cached_parts(out))
     rows = 0
     for g in groups:
         rows += _merge(out, g, all(s in cached for s in g.sources), threads)

@@ -244,7 +244,7 @@ def begin_run(
     return plan_rerun(out, list_targets(), retry_errors=retry_errors)
 
 
-def settle(out: Location, *, compact: bool = True) -> int:
+def settle(out: Location, *, compact: bool = True) -> index.Snapshot:
     """Before the COCO files: one row per image id, every finished part whole, the index
     up to date (and small parts merged past the threshold, ``compact``).
 
@@ -252,9 +252,10 @@ def settle(out: Location, *, compact: bool = True) -> int:
     gone, and so after the next run has read what is done: that image then has a row of
     each run, or a completion marker whose instances part the next run's clean-up had
     deleted. Run when this run's own writes are over, holding OUT's lock; returns the
-    number of rows and parts removed.
+    settled index, for the COCO files and the run's totals (nothing writes images rows
+    after it, so they need not read the index again).
     """
-    removed = tidy(out)
+    tidy(out)
     snap = index.load(out)
     ids = snap.ids
     drop: dict[str, set[int]] = defaultdict(set)
@@ -270,10 +271,9 @@ def settle(out: Location, *, compact: bool = True) -> int:
             "outlived their driver)",
             sum(len(v) for v in drop.values()),
         )
-        removed += retire(out, drop)
+        retire(out, drop)
         snap = index.load(out)
-    if compact and compaction.auto_groups(snap):
-        compaction.compact(out, snapshot=snap, full=False)
+    if compact and compaction.compact(out, snapshot=snap, full=False)["groups"]:
         snap = index.load(out)
     index.update_index(out, snap)
-    return removed
+    return snap
