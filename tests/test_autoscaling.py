@@ -7,8 +7,10 @@ to ``~/ray_bootstrap_config.yaml``, where ``ray up`` leaves it on a real head, a
 runs with ``RAY_ADDRESS`` set, as a ``ray job submit`` driver on the head does.
 
 ``refseg label`` runs with the README's cluster flags (no device or GPU flag; tiny preset
-and random weights to keep it cheap) and ``REFSEG_TEST_GPU_ACTORS_ON_CPU=1``: its GPU
-actors ask Ray for the fake GPUs but run their torch code on the CPU. Then:
+and random weights to keep it cheap; half a GPU per actor, see GPU_SHARE) and
+``REFSEG_TEST_GPU_ACTORS_ON_CPU=1``: its GPU actors ask Ray for the fake GPUs but run their
+torch code on the CPU. Its first proposal call waits (a stage gate) until a proposal actor
+lives on each worker, so the second worker always joins mid-job. Then:
 
 * the autoscaler started GPU workers, and both model stages ran there (none on the head);
 * every image is labelled exactly once;
@@ -43,6 +45,12 @@ from tests.stage_gate import WAIT_S, StageGate
 # proposal ran on the second worker (seen under two busy loops).
 IMAGES = 4 * FETCH_BLOCK_ROWS
 MAX_NODES = 2
+# Half a GPU per actor: 4 slots on the 2 GPUs, 3 SAM2 + 1 DINOv2 actors (FLOP ratio), and
+# any placement fits. With the default shares (0.75 SAM2 + 0.25 DINOv2 per GPU) Ray may put
+# both DINOv2 actors on one GPU, and the second SAM2 actor then fits on neither (seen under
+# load: 1.25 of 2 GPUs used, a SAM2 actor pending until the job ended).
+GPU_SHARE = 0.5
+SLOTS = int(MAX_NODES / GPU_SHARE)
 GPU_WORKER = {"resources": {"CPU": 2, "GPU": 1}, "node_config": {}, "min_workers": 0}
 
 
@@ -165,6 +173,7 @@ def labelled(tiny_setup, tmp_path_factory):
         argv += ["--out", str(root / "out"), "--progress-interval", "60"]
         argv += ["--preset", "tiny", "--random-weights", "--gpu-wait-s", "300"]
         argv += ["--proposal-batch-size", "1", "--match-batch-size", "1"]
+        argv += ["--gpus-per-actor", str(GPU_SHARE)]
         logs = root / "driver.out", root / "driver.err"
         with logs[0].open("w") as out, logs[1].open("w") as err:
             proc = subprocess.Popen(argv, env=env, stdout=out, stderr=err, text=True, cwd=root)
@@ -210,14 +219,18 @@ def test_the_autoscaler_started_gpu_workers_and_both_stages_ran_there(labelled):
     gpu_nodes = _gpu_nodes(labelled["nodes"])
     assert len(gpu_nodes) == MAX_NODES, labelled["nodes"]
     for stage in ("ProposalStage", "MatchStage"):
-        actors = _stage_actors(labelled["actors"], stage)
-        assert actors, stage
-        assert {a.node_id for a in actors} <= gpu_nodes, (stage, actors)  # never the head
+        # placed actors (one Ray Data scaled down before any node took it has no node)
+        where = {
+            a.actor_id[-8:]: (a.node_id, a.state) for a in _stage_actors(labelled["actors"], stage)
+        }
+        placed = {node for node, _ in where.values() if node}
+        assert placed and placed <= gpu_nodes, (stage, where, gpu_nodes)  # never the head
     record = json.loads((labelled["out"] / "run.json").read_text())
     res = record["config"]["resources"]
     assert res["gpus"] == MAX_NODES and "autoscaling config" in res["basis"]
-    assert (res["proposal_min_actors"], res["proposal_actors"]) == (1, MAX_NODES)
-    assert res["gpus_per_proposal_actor"] + res["gpus_per_match_actor"] <= 1.0
+    assert (res["proposal_min_actors"], res["proposal_actors"]) == (1, SLOTS - 1)
+    assert (res["match_min_actors"], res["match_actors"]) == (1, 1)
+    assert res["gpus_per_proposal_actor"] == res["gpus_per_match_actor"] == GPU_SHARE
     print(f"\nrefseg label on the fake cluster: {labelled['seconds']:.0f} s; resources {res}")
 
 

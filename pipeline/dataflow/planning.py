@@ -170,7 +170,7 @@ def _gpu_plan(s: PipelineSettings, pools: tuple[str, ...], gpus: int, basis: str
     else:  # the user's fraction per actor: the GPU slots split in the FLOP ratio
         propose = match = s.gpus_per_actor
         slots = max(2, int(gpus / s.gpus_per_actor))
-        p_largest = max(1, round(slots * gpu_shares()[0]))
+        p_largest = min(max(1, round(slots * gpu_shares()[0])), slots - 1)  # and one DINOv2
         m_largest = max(1, slots - p_largest)
     p_low, p_high = _pool(s.proposal_actors, p_largest)
     m_low, m_high = _pool(s.match_actors, m_largest)
