@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 PIPELINE_FLAGS: dict[str, tuple[type, str]] = {
     "decode_batch_size": (int, "images per decode task"),
     "proposal_batch_size": (int, "images per SAM2 proposal call"),
-    "match_batch_size": (int, "images per DINOv2 matching call"),
+    "match_batch_size": (int, "images per DINOv2 matching call (default: 1 on CPU, 4 on GPU)"),
     "write_batch_size": (int, "images per output part file"),
     "proposal_actors": (int, "SAM2 actors, a fixed pool (default: 1 to one per GPU; CPU: 1)"),
     "match_actors": (int, "DINOv2 matching actors, a fixed pool (default: as SAM2's)"),

@@ -55,6 +55,7 @@ __all__ = [
 # Only write_parts, fetch_bytes and read_cache_parts raise them (other failed reads are
 # error rows); all are idempotent.
 IO_RETRIES = 6
+MATCH_BATCH_GPU = 4  # images per matching call on a GPU (PipelineSettings.match_batch_size)
 
 
 @dataclass(frozen=True)
@@ -180,8 +181,15 @@ def _rematch_stages(
         min_actors=res.match_min_actors,
         gpus=res.gpus_per_match_actor,
         cpus=res.cpus_per_actor,
-        batch=s.match_batch_size,
+        batch=match_batch(s, res),
     )
+
+
+def match_batch(s: PipelineSettings, res: Resources) -> int:
+    """Images per matching call: the user's, else one on the CPU and MATCH_BATCH_GPU on GPUs."""
+    if s.match_batch_size is not None:
+        return s.match_batch_size
+    return 1 if res.device == "cpu" else MATCH_BATCH_GPU
 
 
 def _label_stages(
@@ -220,7 +228,7 @@ def _label_stages(
         min_actors=res.match_min_actors,
         gpus=res.gpus_per_match_actor,
         cpus=res.cpus_per_actor,
-        batch=s.match_batch_size,
+        batch=match_batch(s, res),
     )
 
 

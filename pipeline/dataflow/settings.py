@@ -47,7 +47,10 @@ class PipelineSettings:
 
     decode_batch_size: int = 4
     proposal_batch_size: int = 2
-    match_batch_size: int = 4
+    # None: one image per matching call on the CPU (the proposals of every image in a batch
+    # are held while it is matched: at ntt, six images, a batch of 4 took the job's PSS to
+    # 10.65 GiB, one to 8.58 GiB; BENCHMARKS section 10), graph.MATCH_BATCH_GPU on a GPU
+    match_batch_size: int | None = None
     write_batch_size: int = 32
     proposal_actors: int | None = None
     match_actors: int | None = None
