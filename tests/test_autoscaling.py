@@ -131,7 +131,7 @@ def _proposal_nodes(address: str) -> set[str]:
         limit=10_000,
         raise_on_missing_output=False,
     )
-    return {a.node_id for a in alive if "ProposalStage" in a.class_name}
+    return {a.node_id for a in _stage_actors(alive, "ProposalStage")}
 
 
 def _hold_until_both_workers_propose(gate: StageGate, proc, address: str) -> None:

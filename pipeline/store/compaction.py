@@ -46,9 +46,7 @@ __all__ = [
     "COMPACT_BYTES",
     "COMPACT_ROWS",
     "FANOUT",
-    "auto_groups",
     "compact",
-    "full_groups",
     "recover",
 ]
 
@@ -122,19 +120,11 @@ def _groups(snap: index.Snapshot, chunks: list[list[str]]) -> list[Group]:
     ]
 
 
-def full_groups(snap: index.Snapshot) -> list[Group]:
-    """Every small part, packed into parts of up to COMPACT_ROWS images (cache or not apart)."""
-    return _planned(snap, full=True)[0]
-
-
-def auto_groups(snap: index.Snapshot) -> list[Group]:
-    """The merges past the threshold: FANOUT parts of one size tier, at most AUTO_MAX_ROWS."""
-    return _planned(snap, full=False)[0]
-
-
 def _planned(snap: index.Snapshot, *, full: bool) -> tuple[list[Group], set[str]]:
-    """``full_groups`` or ``auto_groups``, and the parts with a cache part (one listing of
-    each folder for both)."""
+    """The merges of a compaction and the parts with a cache part (one listing of each folder
+    for both). ``full``: every small part, packed into parts of up to COMPACT_ROWS images
+    (cache or not apart); else the automatic tiers: FANOUT parts of one size tier, at most
+    AUTO_MAX_ROWS rows."""
     if not full and len(snap.listed) < FANOUT:
         return [], set()
     rows, size, cached = _sizes(snap)
